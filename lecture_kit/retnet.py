@@ -1,0 +1,117 @@
+"""Retention, the token mixer of RetNet (Sun et al., 2023).  Derived in notebook 03d.
+
+Per batch and head, with a fixed decay γ = exp(log_gamma[h]) ∈ (0, 1) and state S_t ∈ R^{K×V}:
+
+    S_t = γ S_{t-1} + k_t v_tᵀ
+    o_t = scale · S_tᵀ q_t
+
+Parallel form: O = (scale · Q Kᵀ ∘ D) V with D_nm = γ^{n−m} (n ≥ m), 0 otherwise.  Because
+γ^{n−m} = γ^n γ^{−m}, the matrix is K-semiseparable.  The paper's third form, the chunkwise
+recurrence, is ``chunked``.
+
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] (≤ 0; RetNet uses log(1 − 2^{−5−h}); 0 gives plain causal linear attention);
+initial_state and final state [B, H, K, V].  ``scale`` defaults to K^{-1/2}.  The decay is kept as
+its logarithm because the γ of heads h ≥ 4 round to exactly 1.0 in bf16 (math.md §2.3).
+
+Every form returns ``(o, final_state or None)``; o has q's dtype, the state is fp32 (fp64 for fp64).
+This is retention itself, before RetNet's group norm; the norm and the paper's score normalisations
+are per-row scalings that the group norm removes (math.md §2.2), and live in ``lecture_kit.blocks``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validate import Signature, compute_dtype
+from .semiseparable import segsum
+
+
+def _check(fn, q, k, v, log_gamma, scale, initial_state=None, values=True):
+    sig = Signature(f"retnet.{fn}")
+    sig.tensor("q", q, "B T H K")
+    sig.tensor("k", k, "B T H K")
+    if values:
+        sig.tensor("v", v, "B T H V")
+    sig.tensor("log_gamma", log_gamma, "H", same_dtype=False)
+    sig.at_least_one("T")
+    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
+    sig.nonpositive("log_gamma", log_gamma)
+    return sig, (sig.sizes["K"] ** -0.5 if scale is None else sig.scalar("scale", scale))
+
+
+def recurrent(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False):
+    """The definition, one token at a time: S_t = γ S_{t-1} + k_t v_tᵀ,  o_t = scale · S_tᵀ q_t."""
+    _, scale = _check("recurrent", q, k, v, log_gamma, scale, initial_state)
+    f = compute_dtype(q.dtype)
+    Bsz, T, H, K = q.shape
+    q_, k_, v_ = q.to(f), k.to(f), v.to(f)
+    gamma = torch.exp(log_gamma.to(f))[None, :, None, None]
+    S = q.new_zeros(Bsz, H, K, v.shape[-1], dtype=f) if initial_state is None else initial_state.to(f)
+    outs = []
+    for t in range(T):
+        S = gamma * S + torch.einsum("bhk,bhv->bhkv", k_[:, t], v_[:, t])
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_[:, t]))
+    return torch.stack(outs, dim=1).to(q.dtype), (S if output_final_state else None)
+
+
+def _decay_mask(log_gamma, T, f):
+    """D [H, T, T]: γ^{n−m} for n ≥ m, 0 above the diagonal (masked before exp)."""
+    return torch.exp(segsum(log_gamma.to(f)[:, None].expand(-1, T)))
+
+
+def matrix(q, k, log_gamma, *, scale=None):
+    """The retention matrix scale · (Q Kᵀ ∘ D)  [B, H, T, T], so that o = matrix @ v."""
+    _, scale = _check("matrix", q, k, None, log_gamma, scale, values=False)
+    f = compute_dtype(q.dtype)
+    P = scale * torch.einsum("bihk,bjhk->bhij", q.to(f), k.to(f)) * _decay_mask(log_gamma, q.shape[1], f)
+    return P.to(q.dtype)
+
+
+def parallel(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False):
+    """The parallel form O = scale · (Q Kᵀ ∘ D) V, plus the initial state's decayed read-out
+    scale · γ^{n+1} S_0ᵀ q_n; the final state is Σ_m γ^{T−1−m} k_m v_mᵀ + γ^T S_0."""
+    _, scale = _check("parallel", q, k, v, log_gamma, scale, initial_state)
+    f = compute_dtype(q.dtype)
+    T = q.shape[1]
+    q_, k_, v_ = q.to(f), k.to(f), v.to(f)
+    D = _decay_mask(log_gamma, T, f)                                           # [H, T, T]
+    o = scale * torch.einsum("bnhk,bmhk,hnm,bmhv->bnhv", q_, k_, D, v_)
+    n = torch.arange(1, T + 1, dtype=f, device=q.device)
+    gamma_pow = torch.exp(log_gamma.to(f)[:, None] * n)                        # γ^{n+1} [H, T]
+    if initial_state is not None:
+        o = o + scale * gamma_pow.T[None, :, :, None] * torch.einsum("bhkv,bnhk->bnhv", initial_state.to(f), q_)
+    final = None
+    if output_final_state:
+        final = torch.einsum("hm,bmhk,bmhv->bhkv", D[:, -1, :], k_, v_)       # D[T−1, m] = γ^{T−1−m}
+        if initial_state is not None:
+            final = final + gamma_pow[:, -1, None, None] * initial_state.to(f)
+    return o.to(q.dtype), final
+
+
+def chunked(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """RetNet's chunkwise recurrent form (Sun et al. 2023, §2.1), chunk by chunk.
+
+    For a chunk of n tokens (the last may be shorter) with local positions i, j = 0..n−1:
+        O_[c] = scale · (Q Kᵀ ∘ D) V  +  scale · (Q R_{c−1}) ∘ ξ,     ξ_i = γ^{i+1}
+        R_c   = Kᵀ (V ∘ ζ) + γ^n R_{c−1},                            ζ_j = γ^{n−1−j}
+    The first term is the parallel form inside the chunk; the second reads the state that entered
+    it; R carries the state from chunk to chunk.  Cost: linear in T.
+    """
+    sig, scale = _check("chunked", q, k, v, log_gamma, scale, initial_state)
+    Q = sig.chunk_size(chunk_size)
+    f = compute_dtype(q.dtype)
+    Bsz, T, H, K = q.shape
+    lg = log_gamma.to(f)[:, None]                                              # [H, 1]
+    R = q.new_zeros(Bsz, H, K, v.shape[-1], dtype=f) if initial_state is None else initial_state.to(f)
+    outs = []
+    for start in range(0, T, Q):
+        qc, kc, vc = (t[:, start:start + Q].to(f) for t in (q, k, v))
+        n = qc.shape[1]
+        pos = torch.arange(n, dtype=f, device=q.device)
+        D = _decay_mask(log_gamma, n, f)                                       # [H, n, n]
+        xi = torch.exp(lg * (pos + 1))                                         # [H, n]
+        zeta = torch.exp(lg * (n - 1 - pos))                                   # [H, n]
+        inner = torch.einsum("bihk,bjhk,hij,bjhv->bihv", qc, kc, D, vc)
+        cross = torch.einsum("bihk,bhkv->bihv", qc, R) * xi.T[None, :, :, None]
+        outs.append(scale * (inner + cross))
+        R = torch.einsum("bjhk,bjhv,hj->bhkv", kc, vc, zeta) + torch.exp(lg * n)[None, :, :, None] * R
+    return torch.cat(outs, dim=1).to(q.dtype), (R if output_final_state else None)

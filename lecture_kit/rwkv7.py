@@ -1,0 +1,166 @@
+"""RWKV-7 "Goose" time mixing: the generalised delta rule (Peng et al., 2025).  Derived in notebook 03f.
+
+Per batch and head, state S_t ∈ R^{K×V} (flash-linear-attention's layout; BlinkDL's code stores Sᵀ):
+
+    S_t = (diag(exp w_t) + b_t a_tᵀ) S_{t-1} + k_t v_tᵀ
+    o_t = scale · S_tᵀ r_t
+
+The transition G_t = diag(exp w_t) + b_t a_tᵀ is diagonal-plus-rank-one (DPLR).  The RWKV-7 layer
+passes a = −κ̂ and b = κ̂ ∘ a_icl with κ̂ a unit "removal key" and a_icl ∈ (0, 1) an in-context
+learning rate, so that the rank-one term subtracts (κ̂ ∘ a_icl) κ̂ᵀ S_{t-1}: with the new
+key-value pair this is one step of gradient descent on ½‖Sᵀκ̂ − v‖² (an online regression), plus
+decay.  It is *not* RWKV-4's ratio Σ w^{i−j} k_j v_j / Σ w^{i−j} k_j (math.md §8c).
+
+Unrolled, o_t = Σ_{j≤t} A_tj v_j with A_tj = scale · r_tᵀ G_t ⋯ G_{j+1} k_j: an SSS representation
+with K×K transitions, so A is K-semiseparable — but, because the G_t do not commute, it is not a
+mask times a low-rank matrix.
+
+Shapes: r, w, k, a, b [B, T, H, K] (w = log decay ≤ 0; the layer uses w = −e^{−1/2}·sigmoid(·));
+v [B, T, H, V]; initial_state and final state [B, H, K, V].  ``scale`` defaults to 1.0 (fla's RWKV-7).
+Every form returns ``(o, final_state or None)``; o has r's dtype, the state is fp32 (fp64 for fp64).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validate import Signature, compute_dtype, pad_time
+from .semiseparable import segsum, sss_matrix
+
+
+def _check(fn, r, w, k, v, a, b, scale, initial_state=None, values=True):
+    sig = Signature(f"rwkv7.{fn}")
+    sig.tensor("r", r, "B T H K")
+    sig.tensor("w", w, "B T H K", same_dtype=False)
+    sig.tensor("k", k, "B T H K")
+    if values:
+        sig.tensor("v", v, "B T H V")
+    sig.tensor("a", a, "B T H K")
+    sig.tensor("b", b, "B T H K")
+    sig.at_least_one("T")
+    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
+    sig.nonpositive("w", w)
+    return sig, sig.scalar("scale", scale)
+
+
+def _transitions(w, a, b, f):
+    """G_t = diag(exp w_t) + b_t a_tᵀ  [B, H, T, K, K]."""
+    w, a, b = (t.to(f).transpose(1, 2) for t in (w, a, b))
+    return torch.diag_embed(torch.exp(w)) + b[..., :, None] * a[..., None, :]
+
+
+def recurrent(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False):
+    """The definition, one token at a time: S_t = diag(exp w_t) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ."""
+    _, scale = _check("recurrent", r, w, k, v, a, b, scale, initial_state)
+    f = compute_dtype(r.dtype)
+    Bsz, T, H, K = r.shape
+    r_, k_, v_, a_, b_, decay = r.to(f), k.to(f), v.to(f), a.to(f), b.to(f), torch.exp(w.to(f))
+    S = r.new_zeros(Bsz, H, K, v.shape[-1], dtype=f) if initial_state is None else initial_state.to(f)
+    outs = []
+    for t in range(T):
+        removed = torch.einsum("bhk,bhkv->bhv", a_[:, t], S)                      # a_tᵀ S_{t-1}
+        S = decay[:, t, :, :, None] * S + torch.einsum("bhk,bhv->bhkv", b_[:, t], removed) \
+            + torch.einsum("bhk,bhv->bhkv", k_[:, t], v_[:, t])
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, r_[:, t]))
+    return torch.stack(outs, dim=1).to(r.dtype), (S if output_final_state else None)
+
+
+def matrix(r, w, k, a, b, *, scale=1.0):
+    """A [B, H, T, T] with A_tj = scale · r_tᵀ G_t ⋯ G_{j+1} k_j (j ≤ t), so o = A v.
+
+    Built directly from the SSS representation (``semiseparable.sss_matrix``), O(T² K²).
+    """
+    _, scale = _check("matrix", r, w, k, None, a, b, scale, values=False)
+    f = compute_dtype(r.dtype)
+    G = _transitions(w, a, b, f)
+    A = sss_matrix(scale * r.to(f).transpose(1, 2), G, k.to(f).transpose(1, 2))
+    return A.to(r.dtype)
+
+
+def parallel(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False):
+    """o = A v, plus the initial state carried through every transition: scale · r_tᵀ G_t ⋯ G_0 S_0.
+
+    The final state is Σ_j (G_{T-1} ⋯ G_{j+1} k_j) v_jᵀ + G_{T-1} ⋯ G_0 S_0, with the products of
+    transitions accumulated in one backward sweep.
+    """
+    _, scale = _check("parallel", r, w, k, v, a, b, scale, initial_state)
+    f = compute_dtype(r.dtype)
+    T = r.shape[1]
+    r_, k_, v_ = r.to(f), k.to(f), v.to(f)
+    G = _transitions(w, a, b, f)                                                   # [B, H, T, K, K]
+    A = sss_matrix(scale * r_.transpose(1, 2), G, k_.transpose(1, 2))
+    o = torch.einsum("bhtj,bjhv->bthv", A, v_)
+    if initial_state is not None:
+        P = initial_state.to(f)
+        reads = []
+        for t in range(T):
+            P = G[:, :, t] @ P                                                     # G_t ⋯ G_0 S_0
+            reads.append(scale * torch.einsum("bhk,bhkv->bhv", r_[:, t], P))
+        o = o + torch.stack(reads, dim=1)
+    final = None
+    if output_final_state:
+        product = torch.eye(r.shape[-1], dtype=f, device=r.device).expand(*G.shape[:2], -1, -1)
+        carried = []
+        for j in range(T - 1, -1, -1):                   # product = G_{T-1} ⋯ G_{j+1}
+            carried.append(product @ k_[:, j, :, :, None])
+            product = product @ G[:, :, j]
+        keys_at_end = torch.cat(carried[::-1], dim=-1)   # [B, H, K, T]: column j is G_{T-1}⋯G_{j+1} k_j
+        final = torch.einsum("bhkj,bjhv->bhkv", keys_at_end, v_)
+        if initial_state is not None:
+            final = final + product @ initial_state.to(f)   # product = G_{T-1} ⋯ G_0
+    return o.to(r.dtype), final
+
+
+def chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False, chunk_size=64):
+    """RWKV-7's chunkwise algorithm with the WY/UT transform, math.md §4.3.
+
+    In a chunk, Γ_i = w_1 + ⋯ + w_i (chunk-local, per channel), Γ⁻ its exclusive version, S_0 the
+    entering state.  The pseudo-values ν_i = a_iᵀ S_{i-1} (what the rank-one term removes) satisfy
+    a unit-lower-triangular system, so with the four C×C matrices (exponents ≤ 0, masked before exp)
+
+        A^{qk}_ij = Σ_d r_id k_jd e^{Γ_id − Γ_jd},   A^{qb}_ij = Σ_d r_id b_jd e^{Γ_id − Γ_jd}    (j ≤ i)
+        A^{ak}_ij = Σ_d a_id k_jd e^{Γ⁻_id − Γ_jd},  A^{ab}_ij = Σ_d a_id b_jd e^{Γ⁻_id − Γ_jd}   (j < i)
+
+    the UT transform gives U = (I − A^{ab})^{-1} A^{ak} V and W = (I − A^{ab})^{-1} (a ∘ e^{Γ⁻}),
+    both parallel over chunks.  Then, sequentially over chunks:
+        𝒱 = U + W S_0
+        O = scale · (A^{qk} V + A^{qb} 𝒱 + (r ∘ e^{Γ}) S_0)
+        S = e^{Γ_C} ∘ S_0 + (k ∘ e^{Γ_C − Γ})ᵀ V + (b ∘ e^{Γ_C − Γ})ᵀ 𝒱
+    """
+    sig, scale = _check("chunked", r, w, k, v, a, b, scale, initial_state)
+    C = sig.chunk_size(chunk_size)
+    f = compute_dtype(r.dtype)
+    Bsz, T, H, K = r.shape
+
+    def chunks(t):   # [B, T, H, D] -> [B, H, n_c, C, D]
+        t = pad_time(t.to(f), C)
+        return t.reshape(Bsz, -1, C, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    Rc, Wc, Kc, Vc, Ac, Bc = (chunks(t) for t in (r, w, k, v, a, b))
+    # pairwise exponents per channel: inclusive Γ_i − Γ_j (j ≤ i) and exclusive Γ⁻_i − Γ_j (j < i)
+    incl = segsum(Wc.transpose(-1, -2))                                          # [B, H, n, K, C, C]
+    excl = torch.cat([torch.full_like(incl[..., :1, :], float("-inf")), incl[..., :-1, :]], dim=-2)
+    E_incl, E_excl = torch.exp(incl), torch.exp(excl)
+    pairwise = lambda x, y, E: torch.einsum("bhnid,bhnjd,bhndij->bhnij", x, y, E)
+    A_qk, A_qb = pairwise(Rc, Kc, E_incl), pairwise(Rc, Bc, E_incl)
+    A_ak, A_ab = pairwise(Ac, Kc, E_excl), pairwise(Ac, Bc, E_excl)
+    Gamma = Wc.cumsum(dim=-2)                                                    # Γ   [B, H, n, C, K]
+    Gamma_excl = torch.cat([torch.zeros_like(Gamma[..., :1, :]), Gamma[..., :-1, :]], dim=-2)   # Γ⁻
+    to_end = E_incl[..., -1, :].transpose(-1, -2)                                # e^{Γ_C − Γ_j} [B, H, n, C, K]
+
+    # UT transform, parallel over chunks: (I − A^{ab}) is unit lower triangular
+    I_minus = torch.eye(C, dtype=f, device=r.device) - A_ab
+    solve = lambda rhs: torch.linalg.solve_triangular(I_minus, rhs, upper=False, unitriangular=True)
+    U = solve(A_ak @ Vc)                                                          # [B, H, n, C, V]
+    W = solve(Ac * torch.exp(Gamma_excl))                                         # [B, H, n, C, K]
+
+    S = r.new_zeros(Bsz, H, K, v.shape[-1], dtype=f) if initial_state is None else initial_state.to(f)
+    outs = []
+    for i in range(Rc.shape[2]):
+        pseudo = U[:, :, i] + W[:, :, i] @ S                                      # 𝒱
+        outs.append(scale * (A_qk[:, :, i] @ Vc[:, :, i] + A_qb[:, :, i] @ pseudo
+                             + (Rc[:, :, i] * torch.exp(Gamma[:, :, i])) @ S))
+        S = torch.exp(Gamma[:, :, i, -1, :, None]) * S \
+            + (Kc[:, :, i] * to_end[:, :, i]).transpose(-1, -2) @ Vc[:, :, i] \
+            + (Bc[:, :, i] * to_end[:, :, i]).transpose(-1, -2) @ pseudo
+    o = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(Bsz, -1, H, v.shape[-1])[:, :T]
+    return o.to(r.dtype), (S if output_final_state else None)

@@ -1,0 +1,111 @@
+"""Semiseparable matrices: the one class of matrices this lecture is about.
+
+Definitions (Dao & Gu 2024, §3; math.md §8f).  A lower-triangular T×T matrix M is *N-semiseparable*
+when every submatrix taken from on or below the diagonal has rank at most N.  The maximal such blocks
+are ``M[j:, :j+1]`` (rows j..T-1, columns 0..j), and every other one sits inside one of them, so
+
+    semiseparable rank(M) = max_j rank(M[j:, :j+1]).
+
+This is *not* rank(M): the 1-semiseparable mask below has a unit diagonal, so it is invertible
+(rank T), yet every block under its diagonal has rank 1.
+
+An N-SSS (sequentially semiseparable) representation writes M through N×N transitions A_t:
+
+    M_ij = C_iᵀ A_i A_{i-1} ⋯ A_{j+1} B_j      (i ≥ j),   M_ij = 0 (i < j),
+
+and M is N-semiseparable exactly when it has one.  Every mixer of this lecture is such a product:
+SSD and RetNet with A_t = a_t·I, GLA with A_t = diag(α_t), RWKV-7 with A_t = diag(w_t) + b_t a_tᵀ.
+Derived in notebooks 02 and 03a.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def segsum(log_a: torch.Tensor) -> torch.Tensor:
+    """Segment sums of log-decays, the exponent of the 1-semiseparable mask.
+
+        segsum(ℓ)[..., i, j] = ℓ_{j+1} + ⋯ + ℓ_i    (i ≥ j; 0 on the diagonal),   −∞ (i < j)
+
+    Shapes: ``log_a [..., T]`` → ``[..., T, T]``.
+
+    Stable by construction: each entry is a cumulative sum of the ℓ_k themselves, taken down a
+    column after zeroing the entries at or above the diagonal, so no difference of two large
+    cumulative sums ever appears (that difference, cumsum_i − cumsum_j, cancels catastrophically in
+    fp32 and bf16; notebook 05b shows it).  The upper triangle is set to −∞ *before* anyone calls
+    ``exp``, so ``exp(segsum)`` is exactly zero there.
+    """
+    T = log_a.shape[-1]
+    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=log_a.device).tril(-1)
+    lower = torch.ones(T, T, dtype=torch.bool, device=log_a.device).tril(0)
+    # column j of `terms` holds ℓ_k in row k for k > j, zero elsewhere
+    terms = log_a.unsqueeze(-1).expand(*log_a.shape, T).masked_fill(~strictly_lower, 0)
+    sums = terms.cumsum(dim=-2)              # sums[i, j] = Σ_{j<k≤i} ℓ_k
+    return sums.masked_fill(~lower, float("-inf"))
+
+
+def one_semiseparable_mask(log_a: torch.Tensor) -> torch.Tensor:
+    """The 1-semiseparable mask L of scalar decays a_t = exp(ℓ_t):
+
+        L_ij = a_i a_{i-1} ⋯ a_{j+1} = exp(ℓ_{j+1} + ⋯ + ℓ_i)   (i ≥ j),   0 (i < j).
+
+    Shapes: ``log_a [..., T]`` → ``[..., T, T]``.  Computed as ``exp(segsum(ℓ))``, never as a ratio
+    of cumulative products (those underflow to 0/0 = NaN on long sequences).
+    """
+    return torch.exp(segsum(log_a))
+
+
+def default_tolerance(M: torch.Tensor) -> float:
+    """Singular values below ``σ_max(M) · T · eps(dtype)`` count as zero (numpy's matrix_rank rule)."""
+    return M.shape[-1] * torch.finfo(M.dtype).eps
+
+
+def semiseparable_rank(M: torch.Tensor, rtol: float | None = None):
+    """Numerical semiseparable rank of a lower-triangular matrix: max_j rank(M[j:, :j+1]).
+
+    Shapes: ``M [T, T]`` → ``int``; ``M [..., T, T]`` → ``LongTensor [...]`` (one rank per matrix).
+
+    A singular value of a block counts when it exceeds ``rtol · σ_max(M)``, with σ_max the largest
+    singular value of the *whole* matrix (default ``rtol`` = T·eps of M's dtype).  Measuring against
+    the whole matrix rather than the block means a block whose entries have decayed to rounding level
+    counts as rank 0, as it should.  Integer or bool matrices are converted to fp64.
+    """
+    if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"semiseparable_rank: M must be a square matrix [..., T, T], got "
+                         f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
+    if not M.is_floating_point():
+        M = M.double()
+    M = M.float() if M.dtype in (torch.float16, torch.bfloat16) else M
+    if rtol is None:
+        rtol = default_tolerance(M)
+    T = M.shape[-1]
+    threshold = rtol * torch.linalg.matrix_norm(M, ord=2)          # [...]
+    ranks = torch.zeros(M.shape[:-2], dtype=torch.long, device=M.device)
+    for j in range(T):
+        sigma = torch.linalg.svdvals(M[..., j:, : j + 1])           # [..., min(T-j, j+1)]
+        ranks = torch.maximum(ranks, (sigma > threshold.unsqueeze(-1)).sum(-1))
+    return int(ranks) if M.dim() == 2 else ranks
+
+
+def sss_matrix(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Build M from an SSS representation: M_ij = C_iᵀ A_i ⋯ A_{j+1} B_j for i ≥ j, else 0.
+
+    Shapes: ``C [..., T, N]``, ``A [..., T, N, N]``, ``B [..., T, N]`` → ``M [..., T, T]``.
+    (A_0 is never used: nothing precedes token 0.)
+
+    Computed by carrying every column forward at once: after step i, ``U[..., j, :]`` holds
+    A_i ⋯ A_{j+1} B_j for all j ≤ i, and row i of M is ``U @ C_i``.  Cost O(T² N²): a reference, not
+    a fast path.
+    """
+    if C.dim() < 2 or B.shape != C.shape or A.shape != (*C.shape, C.shape[-1]):
+        raise ValueError(f"sss_matrix: expected C [..., T, N], A [..., T, N, N], B [..., T, N]; "
+                         f"got C {tuple(C.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    T = C.shape[-2]
+    rows = []
+    U = B[..., :0, :]                                                # no columns carried yet
+    for i in range(T):
+        U = torch.einsum("...mn,...jn->...jm", A[..., i, :, :], U)  # advance columns j < i by A_i
+        U = torch.cat([U, B[..., i : i + 1, :]], dim=-2)             # column j = i starts as B_i
+        row = torch.einsum("...jn,...n->...j", U, C[..., i, :])      # M[i, :i+1]
+        rows.append(torch.nn.functional.pad(row, (0, T - i - 1)))
+    return torch.stack(rows, dim=-2)
