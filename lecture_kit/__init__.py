@@ -25,6 +25,15 @@ DEVICE = _torch.device("cuda" if HAS_CUDA else "cpu")
 #: Whether Triton kernels run through the CPU interpreter in this process.
 TRITON_INTERPRETED = _os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def by_device(gpu, cpu):
+    """The one place notebooks choose sizes: ``T = by_device(gpu=8192, cpu=256)``.
+
+    Full, realistic sizes on a GPU; small ones on a CPU, where the same notebook must run in CI
+    within minutes (and the Triton kernels run through the interpreter).
+    """
+    return gpu if HAS_CUDA else cpu
+
 from . import semiseparable, ssd, retnet, gla, rwkv7  # noqa: E402  (after the environment is set)
 
-__all__ = ["HAS_CUDA", "DEVICE", "TRITON_INTERPRETED", "semiseparable", "ssd", "retnet", "gla", "rwkv7"]
+__all__ = ["HAS_CUDA", "DEVICE", "TRITON_INTERPRETED", "by_device", "semiseparable", "ssd", "retnet", "gla", "rwkv7"]

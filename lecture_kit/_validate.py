@@ -25,6 +25,7 @@ class Signature:
         self.sizes: dict[str, int] = {}
         self._bound_by: dict[str, str] = {}
         self.device: torch.device | None = None
+        self._device_from: str | None = None
         self.dtype: torch.dtype | None = None
         self._dtype_from: str | None = None
 
@@ -58,9 +59,10 @@ class Signature:
             self.sizes.setdefault(d, size)
             self._bound_by.setdefault(d, name)
         if self.device is None:
-            self.device = t.device
+            self.device, self._device_from = t.device, name
         elif t.device != self.device:
-            raise self.error(f"{name} is on {t.device} but the other inputs are on {self.device}")
+            raise self.error(f"{name} is on {t.device} but {self._device_from} is on {self.device}; "
+                             f"put all inputs on one device")
         if same_dtype:
             if self.dtype is None:
                 self.dtype, self._dtype_from = t.dtype, name
