@@ -152,3 +152,15 @@ def chunked(q, k, v, g, *, scale=None, initial_state=None, output_final_state=Fa
     O = scale * (O_inter + A @ Vc)                                              # [B, H, n, C, V]
     o = O.permute(0, 2, 3, 1, 4).reshape(Bsz, -1, H, v.shape[-1])[:, :T]
     return o.to(q.dtype), (S if output_final_state else None)
+
+
+def kernel(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """The Triton chunkwise kernel (``lecture_kit/kernels/gla.py``): the algorithm of ``chunked``,
+    with the chunk states kept in fp32 and the C×C score matrix never leaving the chip.
+
+    bf16, fp16 or fp32 inputs (fp64: use ``chunked``); K and V powers of two in 16..256;
+    chunk_size a power of two in 16..128.  Differentiable in every input.
+    """
+    from .kernels.gla import gla_chunked
+    return gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, chunk_size=chunk_size)

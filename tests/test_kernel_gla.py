@@ -1,0 +1,161 @@
+"""The Triton chunkwise GLA kernel (``lecture_kit.kernels.gla.gla_chunked``) against the fp64
+recurrence ``lecture_kit.gla.recurrent``, computed from the same rounded inputs (math.md §5.3).
+
+Covered: bf16 / fp16 / fp32 inputs (g in fp32, or in the inputs' dtype); ragged lengths T = 1, 7, 100
+with chunk 16 and 64 (and 32); zero and non-zero initial states; the layer's weak gates
+logsigmoid(x)/16, plain logsigmoid(x), the strong logsigmoid(x)/0.1 of ``random_inputs``, and extreme
+ones (−60 beside 0); gradients of q, k, v, g and initial_state against fp64 autograd of the
+recurrence; the ValueErrors for unsupported input.  On a CPU the kernels run through Triton's
+interpreter with 16×16 key/value tiles, so the small sizes (B, H ≤ 2, K, V ∈ {16, 32}) still tile K and V.
+
+Bounds: fp32 inputs use IEEE ``tl.dot`` → "fp32" (1e-5).  bf16/fp16 inputs → "half" for outputs and
+for the fp32 final state (its chunk updates take half-precision matmul operands); gradients of half
+inputs → "half_grad" (the backward recomputes in fp32, so only the rounding of dq, dk, dv shows).
+"""
+import pytest
+import torch
+
+import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads when there is no GPU)
+from lecture_kit import gla
+from lecture_kit.kernels.gla import gla_chunked
+from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
+
+DEVICE = lecture_kit.DEVICE
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCALE = 0.3   # not the default K^-1/2, so that a forgotten scale shows
+
+
+def assert_close(what, actual, reference, bounds):
+    bounds = TOLERANCE[bounds] if isinstance(bounds, str) else bounds
+    e = errors(actual, reference)
+    assert e.within(bounds), f"{what}: rel RMS {e.rel_rms:.2e}, max {e.max_abs:.2e} > {bounds}"
+    return e
+
+
+def inputs(*, T, dtype, gate="weak", batch=2, heads=1, K=32, V=16, initial_state=True, seed=0):
+    """q, k, v in ``dtype``; g in fp32: "weak" logsigmoid/16 (the GLA layer), "unit" logsigmoid,
+    "strong" logsigmoid/0.1 (``random_inputs``'s strong gate)."""
+    args, kw = random_inputs("gla", batch=batch, heads=heads, key_dim=K, value_dim=V, length=T,
+                             gate="strong" if gate == "strong" else "weak", dtype=dtype,
+                             initial_state=initial_state, seed=seed, device=DEVICE)
+    if gate == "unit":
+        q, k, v, g = args
+        args = (q, k, v, g * 16.0)                     # logsigmoid(x)/16 -> logsigmoid(x)
+    return list(args), kw
+
+
+def reference(args, kw):
+    """fp64 recurrence on the same (rounded) inputs."""
+    return gla.recurrent(*to_reference(args), **to_reference(kw), scale=SCALE, output_final_state=True)
+
+
+# (dtype, T, chunk_size, gate): every length with both chunk sizes in fp32, a spread in half precision
+CASES = [
+    ("fp32", 1, 16, "weak"), ("fp32", 7, 16, "strong"), ("fp32", 100, 16, "unit"), ("fp32", 1, 64, "strong"),
+    ("fp32", 7, 64, "unit"), ("fp32", 100, 64, "strong"), ("fp32", 100, 64, "weak"),
+    ("bf16", 7, 16, "unit"), ("bf16", 100, 64, "weak"), ("bf16", 100, 64, "strong"),
+    ("fp16", 1, 16, "strong"), ("fp16", 100, 64, "unit"),
+]
+
+
+@pytest.mark.parametrize("dtype,T,chunk_size,gate", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_forward_matches_fp64_recurrence(dtype, T, chunk_size, gate):
+    dtype = DTYPES[dtype]
+    args, kw = inputs(T=T, dtype=dtype, gate=gate, seed=T + chunk_size)
+    o, S = gla_chunked(*args, **kw, scale=SCALE, output_final_state=True, chunk_size=chunk_size)
+    ref_o, ref_S = reference(args, kw)
+    assert o.dtype == dtype and o.shape == ref_o.shape
+    assert S.dtype == torch.float32 and S.shape == ref_S.shape
+    bounds = "fp32" if dtype == torch.float32 else "half"
+    assert_close("o", o, ref_o, bounds)
+    assert_close("final state", S, ref_S, bounds)
+
+
+def test_chunk_32_two_heads_and_wider_values():
+    args, kw = inputs(T=70, dtype=torch.float32, gate="unit", heads=2, K=16, V=32, seed=3)
+    o, S = gla_chunked(*args, **kw, scale=SCALE, output_final_state=True, chunk_size=32)
+    ref_o, ref_S = reference(args, kw)
+    assert_close("o", o, ref_o, "fp32")
+    assert_close("final state", S, ref_S, "fp32")
+
+
+def test_no_initial_state_no_final_state_g_in_bf16_and_strided_inputs():
+    args, _ = inputs(T=40, dtype=torch.bfloat16, gate="unit", heads=2, initial_state=False, seed=4)
+    args[3] = args[3].to(torch.bfloat16)                                   # g rounded to bf16 as well
+    args[0] = args[0].transpose(1, 2).contiguous().transpose(1, 2)         # q: same values, [B, H, T, K] memory
+    assert not args[0].is_contiguous()
+    o, S = gla_chunked(*args, scale=SCALE)
+    assert S is None
+    ref_o, _ = reference(args, {})
+    assert_close("o", o, ref_o, "half")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_extreme_gates(dtype):
+    """g = −60 (decay e^{−60}: e^{+60·16} in a naively factorised sub-block would overflow) beside g = 0
+    (no decay at all): every exponent the kernel takes must stay ≤ 0."""
+    dtype = DTYPES[dtype]
+    args, kw = inputs(T=50, dtype=dtype, seed=6)
+    g = torch.zeros_like(args[3])
+    g[:, 1::3, :, ::2] = -60.0
+    g[:, 2::5] = -3.0
+    args[3] = g
+    o, S = gla_chunked(*args, **kw, scale=SCALE, output_final_state=True, chunk_size=32)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    ref_o, ref_S = reference(args, kw)
+    bounds = "fp32" if dtype == torch.float32 else "half"
+    assert_close("o", o, ref_o, bounds)
+    assert_close("final state", S, ref_S, bounds)
+
+
+@pytest.mark.parametrize("dtype,gate", [("fp32", "unit"), ("fp32", "strong"), ("bf16", "weak")])
+def test_gradients_match_fp64_autograd(dtype, gate):
+    dtype = DTYPES[dtype]
+    args, kw = inputs(T=37, dtype=dtype, gate=gate, heads=2, seed=7)
+    xs = [x.clone().requires_grad_() for x in (*args, kw["initial_state"])]
+    o, S = gla_chunked(*xs[:4], initial_state=xs[4], scale=SCALE, output_final_state=True, chunk_size=16)
+    gen = torch.Generator().manual_seed(8)
+    do = torch.randn(o.shape, generator=gen).to(device=DEVICE, dtype=o.dtype)
+    dS = torch.randn(S.shape, generator=gen).to(device=DEVICE)
+    grads = torch.autograd.grad((o, S), xs, (do, dS))
+
+    ref_xs = [x.detach().double().requires_grad_() for x in xs]
+    ref_o, ref_S = gla.recurrent(*ref_xs[:4], initial_state=ref_xs[4], scale=SCALE, output_final_state=True)
+    ref_grads = torch.autograd.grad((ref_o, ref_S), ref_xs, (do.double(), dS.double()))
+    bounds = "fp32" if dtype == torch.float32 else "half_grad"
+    for name, x, gx, ref_gx in zip(["q", "k", "v", "g", "initial_state"], xs, grads, ref_grads):
+        assert gx.dtype == x.dtype, name
+        assert_close(f"d{name}", gx, ref_gx, bounds)
+
+
+def test_gradient_without_final_state():
+    args, _ = inputs(T=20, dtype=torch.float32, initial_state=False, seed=9)
+    xs = [x.clone().requires_grad_() for x in args]
+    o, _ = gla_chunked(*xs, scale=SCALE, chunk_size=16)
+    grads = torch.autograd.grad(o.square().sum(), xs)
+    ref_xs = [x.detach().double().requires_grad_() for x in xs]
+    ref_o, _ = gla.recurrent(*ref_xs, scale=SCALE)
+    ref_grads = torch.autograd.grad(ref_o.square().sum(), ref_xs)
+    for name, gx, ref_gx in zip("qkvg", grads, ref_grads):
+        assert_close(f"d{name}", gx, ref_gx, "fp32")
+
+
+def test_unsupported_input_raises_value_error():
+    args, kw = inputs(T=8, dtype=torch.float32, batch=1, K=16, V=16, seed=10)
+    q, k, v, g = args
+
+    def raises(match, *xs, **kws):
+        with pytest.raises(ValueError, match=match):
+            gla_chunked(*xs, scale=SCALE, **kws)
+
+    raises("float64", *(x.double() for x in args))                         # fp64: use the PyTorch forms
+    raises("power of two", q[..., :12], k[..., :12], v, g[..., :12])        # K = 12
+    raises("V = 8", q, k, v[..., :8], g)                                    # V = 8
+    raises("V = 512", q, k, torch.cat([v] * 32, -1), g)                     # V = 512
+    raises("chunk_size", *args, chunk_size=8)
+    raises("chunk_size", *args, chunk_size=48)
+    raises("g must have shape", q, k, v, g[:, :4])
+    raises("dtype", q, k.half(), v, g)
+    raises("<= 0", q, k, v, -g)                                             # positive log forget gates
+    raises("initial_state must have shape", *args, initial_state=kw["initial_state"][..., :8])
+    raises("4 dims", q[0], k, v, g)
