@@ -1,4 +1,4 @@
-"""Gated linear attention, GLA (Yang et al., 2023).  Derived in notebook 03e.
+"""Gated linear attention, GLA (Yang et al., 2023).  Derived in notebook 03d.
 
 Per batch and head, with a data-dependent forget gate α_t = exp(g_t) ∈ (0, 1]^K (one per key channel)
 and state S_t ∈ R^{K×V}:

@@ -1,4 +1,4 @@
-"""RWKV-7 "Goose" time mixing: the generalised delta rule (Peng et al., 2025).  Derived in notebook 03f.
+"""RWKV-7 "Goose" time mixing: the generalised delta rule (Peng et al., 2025).  Derived in notebook 03c.
 
 Per batch and head, state S_t ∈ R^{K×V} (flash-linear-attention's layout; BlinkDL's code stores Sᵀ):
 

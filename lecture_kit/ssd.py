@@ -1,4 +1,4 @@
-"""Mamba-2's state space duality layer, SSD (Dao & Gu, 2024).  Derived in notebooks 03b–03c.
+"""Mamba-2's state space duality layer, SSD (Dao & Gu, 2024).  Derived in notebook 03b.
 
 Per batch and head, with scalar decay a_t = exp(Δ_t A) and state h_t ∈ R^{P×N} (mamba_ssm's layout):
 
