@@ -164,3 +164,16 @@ def chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_sta
             + (Bc[:, :, i] * to_end[:, :, i]).transpose(-1, -2) @ pseudo
     o = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(Bsz, -1, H, v.shape[-1])[:, :T]
     return o.to(r.dtype), (S if output_final_state else None)
+
+
+def kernel(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False, chunk_size=16):
+    """The Triton chunkwise kernel (``lecture_kit/kernels/rwkv7.py``): the algorithm of ``chunked``.
+
+    Phase 1, parallel over chunks, builds the four intra-chunk matrices and the UT transform (U, W);
+    phase 2 walks the chunks in order with the state in fp32 registers.  bf16, fp16 or fp32 inputs
+    (fp64: use ``chunked``); K and V powers of two in 16..256; chunk_size 16 (any K), 32 (K ≤ 128)
+    or 64 (K ≤ 64).  Differentiable in every input.
+    """
+    from .kernels.rwkv7 import rwkv7_chunked
+    return rwkv7_chunked(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, chunk_size=chunk_size)

@@ -1,0 +1,152 @@
+"""The Triton chunkwise RWKV-7 kernel (``lecture_kit.kernels.rwkv7.rwkv7_chunked``) against the fp64
+recurrence ``lecture_kit.rwkv7.recurrent``, computed from the same rounded inputs (math.md §5.3).
+
+Covered: bf16 / fp16 / fp32 inputs (w in fp32 or in the inputs' dtype); ragged lengths T = 1, 7, 50
+with chunk 16, and chunks 32 and 64; zero and non-zero initial states; the layer's weak gates
+w = −e^{−1/2}·σ(x) and strong unbounded gates w = −exp(x + 1) (down to about −20), plus extreme
+ones (−80 and 0); RWKV-7's a = −κ̂, b = κ̂ ∘ a_icl with ‖κ̂‖ = 1; gradients of every input against
+fp64 autograd of the recurrence; the ValueErrors for unsupported input.  On a CPU the kernels run
+through Triton's interpreter, so the sizes are small (B = H = 2, K, V ∈ {16, 32}).
+
+Bounds: fp32 inputs use IEEE ``tl.dot`` → "fp32" (1e-5).  bf16/fp16 inputs → "half" for outputs,
+"half_grad" for gradients; their fp32 final state is held to "tf32", the accuracy of the TF32
+``tl.dot`` the kernel uses for half inputs on a GPU (the interpreter computes those products in fp32).
+"""
+import pytest
+import torch
+
+import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads when there is no GPU)
+from lecture_kit import rwkv7
+from lecture_kit.kernels.rwkv7 import rwkv7_chunked
+from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
+
+DEVICE = lecture_kit.DEVICE
+SIZES = dict(batch=2, heads=2, key_dim=32, value_dim=16)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCALE = 0.7   # not the default 1.0, so that a forgotten scale shows
+
+
+def assert_close(what, actual, reference, bounds):
+    bounds = TOLERANCE[bounds] if isinstance(bounds, str) else bounds
+    e = errors(actual, reference)
+    assert e.within(bounds), f"{what}: rel RMS {e.rel_rms:.2e}, max {e.max_abs:.2e} > {bounds}"
+    return e
+
+
+def reference(args, kw, **extra):
+    """fp64 recurrence on the same (rounded) inputs."""
+    return rwkv7.recurrent(*to_reference(args), **to_reference(kw), scale=SCALE, output_final_state=True, **extra)
+
+
+def bounds_for(dtype):
+    return ("fp32", "fp32") if dtype == torch.float32 else ("half", "tf32")   # (output, final state)
+
+
+@pytest.mark.parametrize("T", [1, 7, 50])
+@pytest.mark.parametrize("gate", ["weak", "strong"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_forward_matches_fp64_recurrence(dtype, gate, T):
+    dtype = DTYPES[dtype]
+    args, kw = random_inputs("rwkv7", **SIZES, length=T, gate=gate, dtype=dtype, initial_state=True,
+                             seed=T, device=DEVICE)
+    o, S = rwkv7_chunked(*args, **kw, scale=SCALE, output_final_state=True)
+    ref_o, ref_S = reference(args, kw)
+    assert o.dtype == dtype and o.shape == ref_o.shape
+    assert S.dtype == torch.float32 and S.shape == ref_S.shape
+    out_bounds, state_bounds = bounds_for(dtype)
+    assert_close("o", o, ref_o, out_bounds)
+    assert_close("final state", S, ref_S, state_bounds)
+
+
+@pytest.mark.parametrize("chunk_size,T,K,V", [(32, 70, 16, 32), (64, 100, 32, 16)])
+def test_other_chunk_sizes(chunk_size, T, K, V):
+    args, kw = random_inputs("rwkv7", batch=1, heads=2, key_dim=K, value_dim=V, length=T, gate="strong",
+                             dtype=torch.float32, initial_state=True, seed=3, device=DEVICE)
+    o, S = rwkv7_chunked(*args, **kw, scale=SCALE, output_final_state=True, chunk_size=chunk_size)
+    ref_o, ref_S = reference(args, kw)
+    assert_close("o", o, ref_o, "fp32")
+    assert_close("final state", S, ref_S, "fp32")
+
+
+def test_no_initial_state_no_final_state_and_strided_inputs():
+    args, _ = random_inputs("rwkv7", **SIZES, length=40, dtype=torch.bfloat16, seed=4, device=DEVICE)
+    args = list(args)
+    args[0] = args[0].transpose(1, 2).contiguous().transpose(1, 2)    # r: same values, [B, H, T, K] memory
+    assert not args[0].is_contiguous()
+    o, S = rwkv7_chunked(*args, scale=SCALE)
+    assert S is None
+    ref_o, _ = reference(args, {})
+    assert_close("o", o, ref_o, "half")
+
+
+def test_w_in_the_inputs_dtype():
+    args, kw = random_inputs("rwkv7", **SIZES, length=33, dtype=torch.bfloat16, initial_state=True, seed=5,
+                             device=DEVICE)
+    args = list(args)
+    args[1] = args[1].to(torch.bfloat16)                               # w rounded to bf16 as well
+    o, S = rwkv7_chunked(*args, **kw, scale=SCALE, output_final_state=True)
+    ref_o, ref_S = reference(args, kw)
+    assert_close("o", o, ref_o, "half")
+    assert_close("final state", S, ref_S, "tf32")
+
+
+@pytest.mark.parametrize("fill", ["extreme", "zero"])
+def test_extreme_gates(fill):
+    """w = −80 (decay e^{−80}, far past any bound a factorised scheme could use) mixed with w = 0, and
+    w = 0 everywhere (no decay: the pure generalised delta rule)."""
+    args, kw = random_inputs("rwkv7", **SIZES, length=41, dtype=torch.float32, initial_state=True, seed=6,
+                             device=DEVICE)
+    args = list(args)
+    w = torch.zeros_like(args[1])
+    if fill == "extreme":
+        w[:, 1::3] = -80.0
+        w[:, 2::5] = -3.0
+    args[1] = w
+    o, S = rwkv7_chunked(*args, **kw, scale=SCALE, output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    ref_o, ref_S = reference(args, kw)
+    assert_close("o", o, ref_o, "fp32")
+    assert_close("final state", S, ref_S, "fp32")
+
+
+@pytest.mark.parametrize("gate", ["weak", "strong"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gradients_match_fp64_autograd(dtype, gate):
+    dtype = DTYPES[dtype]
+    args, kw = random_inputs("rwkv7", **SIZES, length=23, gate=gate, dtype=dtype, initial_state=True, seed=7,
+                             device=DEVICE)
+    inputs = [x.clone().requires_grad_() for x in (*args, kw["initial_state"])]
+    o, S = rwkv7_chunked(*inputs[:6], initial_state=inputs[6], scale=SCALE, output_final_state=True)
+    g = torch.Generator().manual_seed(8)
+    do = torch.randn(o.shape, generator=g).to(device=DEVICE, dtype=o.dtype)
+    dS = torch.randn(S.shape, generator=g).to(device=DEVICE)
+    grads = torch.autograd.grad((o, S), inputs, (do, dS))
+
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref_o, ref_S = rwkv7.recurrent(*ref_inputs[:6], initial_state=ref_inputs[6], scale=SCALE,
+                                   output_final_state=True)
+    ref_grads = torch.autograd.grad((ref_o, ref_S), ref_inputs, (do.double(), dS.double()))
+    bounds = "fp32" if dtype == torch.float32 else "half_grad"
+    for name, x, gx, ref_gx in zip(["r", "w", "k", "v", "a", "b", "initial_state"], inputs, grads, ref_grads):
+        assert gx.dtype == x.dtype, name
+        assert_close(f"d{name}", gx, ref_gx, bounds)
+
+
+def test_unsupported_input_raises_value_error():
+    args, kw = random_inputs("rwkv7", batch=1, heads=1, key_dim=16, value_dim=16, length=8, dtype=torch.float32,
+                             initial_state=True, device=DEVICE)
+    r, w, k, v, a, b = args
+
+    def raises(match, *xs, **kws):
+        with pytest.raises(ValueError, match=match):
+            rwkv7_chunked(*xs, **kws)
+
+    raises("fp64", *(x.double() for x in args))                                    # fp64: use the PyTorch forms
+    raises("power of two", r[..., :12], w[..., :12], k[..., :12], v, a[..., :12], b[..., :12])   # K = 12
+    raises("V", r, w, k, v[..., :8], a, b)                                         # V = 8
+    raises("chunk_size", *args, chunk_size=8)
+    raises("w must have shape", r, w[:, :4], k, v, a, b)
+    raises("k must have r's dtype", r, w, k.half(), v, a, b)
+    raises("w is the log decay", r, -w, k, v, a, b)                               # positive log decays
+    raises("initial_state must be", *args, initial_state=kw["initial_state"][..., :8])
+    raises("4-d", r[0], w, k, v, a, b)
