@@ -1,0 +1,116 @@
+"""Check a built book: every _toc.yml entry has an HTML page, and no notebook failed to execute.
+
+Run after ``jupyter-book build .`` (``.ci/build_book.sh`` does both):
+
+    python .ci/check_book.py [--log _build/book-build.log] [--html _build/html]
+
+Exit status 0 when all checks pass, 1 otherwise; one line per check either way.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Lines that myst-nb / Sphinx write when a notebook could not be executed.
+FAILURE_PATTERNS = [
+    re.compile(r"Executing notebook failed"),
+    re.compile(r"Notebook exception traceback saved in"),
+    re.compile(r"CellExecutionError|CellTimeoutError|DeadKernelError"),
+]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TIMING = re.compile(r"([\w/.-]+\.ipynb).*?Executed notebook in ([0-9.]+) seconds")
+
+
+def toc_files(toc: dict) -> list[str]:
+    """All documents named in a jb-book table of contents, root first, without suffix."""
+    files = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                files.append(node["file"])
+            for key in ("parts", "chapters", "sections"):
+                for child in node.get(key, []) or []:
+                    walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(toc)
+    return [re.sub(r"\.(md|ipynb|rst)$", "", f) for f in files]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html")
+    parser.add_argument("--toc", type=Path, default=ROOT / "_toc.yml")
+    parser.add_argument("--log", type=Path, default=None, help="captured output of the build")
+    args = parser.parse_args()
+
+    problems: list[str] = []
+
+    if not (args.html / "index.html").is_file():
+        problems.append(f"no {args.html / 'index.html'}: the build produced no HTML")
+
+    # 1. every toc entry has a page
+    docs = toc_files(yaml.safe_load(args.toc.read_text(encoding="utf8")))
+    for doc in docs:
+        page = args.html / f"{doc}.html"
+        if page.is_file():
+            print(f"✓ page   {doc}.html")
+        else:
+            problems.append(f"missing page for toc entry {doc!r}: {page}")
+
+    # 2. no notebook execution failed: reports folder, build log, and the pages themselves
+    reports = sorted((args.html / "reports").rglob("*.err.log")) if (args.html / "reports").is_dir() else []
+    for rep in reports:
+        tb = ANSI.sub("", rep.read_text(encoding="utf8", errors="replace")).strip().splitlines()
+        problems.append(f"execution error reported in {rep.relative_to(args.html)}: {tb[-1] if tb else '?'}")
+
+    if args.log is not None:
+        if not args.log.is_file():
+            problems.append(f"build log {args.log} not found")
+        else:
+            text = ANSI.sub("", args.log.read_text(encoding="utf8", errors="replace"))
+            for line in text.splitlines():
+                if any(p.search(line) for p in FAILURE_PATTERNS):
+                    problems.append(f"build log: {line.strip()}")
+            executed = {}
+            for nb, secs in TIMING.findall(text):
+                executed[Path(nb).stem] = float(secs)
+                print(f"✓ executed {Path(nb).name:<32} {float(secs):8.1f} s")
+            # execute_notebooks: force only applies to documents Sphinx re-reads: a notebook
+            # missing here was rendered from a stale cache, not executed by this build
+            for doc in docs:
+                if (ROOT / f"{doc}.ipynb").is_file() and Path(doc).stem not in executed:
+                    problems.append(f"{doc}.ipynb was not executed in this build (stale cache?)")
+
+    for doc in docs:
+        if not doc.startswith("notebooks/"):
+            continue
+        page = args.html / f"{doc}.html"
+        if not page.is_file():
+            continue
+        html = page.read_text(encoding="utf8", errors="replace")
+        # an error output cell (possible only if allow_errors were switched on)
+        if 'class="output traceback' in html or 'class="output error' in html:
+            problems.append(f"{doc}.html shows an error output")
+        print(f"✓ notebook {doc}: {html.count('✓')} check mark(s) on the page")
+
+    if problems:
+        for p in problems:
+            print(f"✗ {p}", file=sys.stderr)
+        print(f"book check: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"book check: {len(docs)} pages, all present, no execution errors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
