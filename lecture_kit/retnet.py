@@ -115,3 +115,16 @@ def chunked(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_
         outs.append(scale * (inner + cross))
         R = torch.einsum("bjhk,bjhv,hj->bhkv", kc, vc, zeta) + torch.exp(lg * n)[None, :, :, None] * R
     return torch.cat(outs, dim=1).to(q.dtype), (R if output_final_state else None)
+
+
+def kernel(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """The Triton chunkwise kernel (``lecture_kit/kernels/scalar_decay.py``, shared with SSD): the
+    chunkwise recurrence of ``chunked`` with a constant log-decay per head.
+
+    bf16, fp16 or fp32 inputs (fp64: use ``chunked``); K and V powers of two in 16..256;
+    chunk_size 16, 32, 64 or 128.  Forward and backward are Triton kernels.
+    """
+    from .kernels.scalar_decay import scalar_decay_chunked
+    return scalar_decay_chunked(q, k, v, log_gamma, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                initial_state=initial_state, output_final_state=output_final_state,
+                                chunk_size=chunk_size)

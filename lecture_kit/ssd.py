@@ -166,3 +166,19 @@ def chunked(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=Fa
 
     y = (Y_diag + Y_off).reshape(Bsz, -1, H, P)[:, :T]
     return _skip(y, x.to(f), D).to(x.dtype), (h if output_final_state else None)
+
+
+def kernel(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, chunk_size=64):
+    """The Triton chunkwise kernel (``lecture_kit/kernels/scalar_decay.py``): the four steps of
+    ``chunked``, with B and C read per group (never expanded to H heads in memory) and D x fused.
+
+    In the kernel's terms SSD is q = C, k = B, v = x, log-decay Δ_t A, value weight Δ_t, scale 1;
+    its state is key-major [B, H, N, P], so ours (mamba_ssm's [B, H, P, N]) is transposed on the way
+    in and out.  bf16, fp16 or fp32 inputs (fp64: use ``chunked``); N and P powers of two in
+    16..256; chunk_size 16, 32, 64 or 128.  Forward and backward are Triton kernels.
+    """
+    from .kernels.scalar_decay import scalar_decay_chunked
+    h0 = None if initial_state is None else initial_state.transpose(-1, -2).contiguous()
+    y, final = scalar_decay_chunked(C, B, x, A, dt=dt, scale=1.0, D=D, initial_state=h0,
+                                    output_final_state=output_final_state, chunk_size=chunk_size)
+    return y, (None if final is None else final.transpose(-1, -2))
