@@ -80,17 +80,23 @@ def mixer(name: str):
 
 
 def random_inputs(name: str, *, batch=2, length=64, heads=2, key_dim=16, value_dim=16, groups=None,
-                  gate="weak", dtype=torch.float64, initial_state=False, seed=0, device="cpu"):
+                  gate="weak", decay=None, dtype=torch.float64, initial_state=False, seed=0, device="cpu"):
     """Seeded random inputs for one mixer, in its positional order, plus its keyword arguments.
 
     Returns ``(args, kwargs)`` so that ``mixer(name).recurrent(*args, **kwargs)`` runs.  ``key_dim``
     is K (N for SSD), ``value_dim`` is V (P for SSD); ``groups`` is SSD's G (default 1).
     ``gate="weak"`` gives decays near 1 (long memory, as at initialisation); ``"strong"`` gives
     decays far below 1 (large negative log-decays), which stress every exp and cumsum.
+    ``decay`` (a float > 0), when given, is a continuous strength instead: the drawn log-decays are
+    rescaled so that their mean magnitude per token is ``decay``, i.e. mean |ℓ_t| = decay with
+    ℓ = Δ·A for SSD (A is rescaled, Δ kept), log γ for RetNet, g for GLA and w for RWKV-7.  The
+    shape of the draw (which heads or channels forget faster) is that of ``gate``.
     Gates and decays are made in fp32 and stay fp32 for half-precision inputs, as in the layers.
     """
     if gate not in ("weak", "strong"):
         raise ValueError(f"gate must be 'weak' or 'strong', got {gate!r}")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0):
+        raise ValueError(f"decay must be a float > 0 (mean |log-decay| per token), got {decay!r}")
     g = torch.Generator().manual_seed(seed)
     B, T, H, K, V = batch, length, heads, key_dim, value_dim
     randn = lambda *s: torch.randn(*s, generator=g)
@@ -129,9 +135,23 @@ def random_inputs(name: str, *, batch=2, length=64, heads=2, key_dim=16, value_d
         state_shape = (B, H, K, V)
     else:
         raise ValueError(f"name must be one of {MIXERS}, got {name!r}")
+    if decay is not None:
+        args = _with_mean_log_decay(name, args, decay)
     if initial_state:
         kwargs["initial_state"] = randn(*state_shape).to(device=device, dtype=gate_dtype)
     return args, kwargs
+
+
+#: Position of the log-decay parameter among each mixer's positional inputs (SSD: A, with ℓ = Δ·A).
+DECAY_POSITION = {"ssd": 2, "retnet": 3, "gla": 3, "rwkv7": 1}
+
+
+def _with_mean_log_decay(name: str, args: tuple, decay: float) -> tuple:
+    """Rescale the decay argument so that the mean |log-decay| per token is ``decay``."""
+    i = DECAY_POSITION[name]
+    log_decay = args[1] * args[2] if name == "ssd" else args[i]
+    rescaled = args[i] * (decay / log_decay.abs().mean())
+    return args[:i] + (rescaled,) + args[i + 1:]
 
 
 #: Position of the values (what ``matrix`` multiplies) among each mixer's positional inputs.
