@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import lecture_kit as lk
+from lecture_kit.testing import mixer as mixer_module
 
 DT = torch.bfloat16
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
@@ -125,7 +125,7 @@ def ours(form):
     }
     out = {}
     for name, fn in call.items():
-        m = getattr(lk.testing.mixer(name), form)
+        m = getattr(mixer_module(name), form)
         if form == "chunked" and name == "rwkv7":
             m = lambda *a, _m=m, **k: _m(*a, **k, chunk_size=16)
         out[(name, f"lecture_kit {form}")] = (None, lambda d, fn=fn, m=m: fn(m, d))
