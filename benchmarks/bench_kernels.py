@@ -166,7 +166,7 @@ def measure(fn, inputs, mode):
         moved += nbytes([out]) + nbytes(leaves)
     for _ in range(5):
         run()
-    med, p20, p80 = do_bench(run, quantiles=[0.5, 0.2, 0.8], warmup=50, rep=300)
+    med, p20, p80 = do_bench(run, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=150)
     return first, med, p20, p80, moved
 
 
@@ -237,12 +237,17 @@ def main():
                         torch.cuda.empty_cache()
                     records.append(rec)
                     print(json.dumps(rec))
+                    save(args.out, meta, records)          # a run cut short still leaves its data
             del inputs
             torch.cuda.empty_cache()
-    add_ratios(records)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+    save(args.out, meta, records)
     print_table(records)
+
+
+def save(path, meta, records):
+    add_ratios(records)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
 def add_ratios(records):

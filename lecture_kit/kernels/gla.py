@@ -148,9 +148,13 @@ def _chunk_states_kernel(
             tl.store(b + tile_k, b_i, mask=valid)
 
         # step 1: S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V              exponents ≤ 0
+        # b_C − b_j = g_{j+1} + … + g_C, summed from the chunk's end: the exponents that matter
+        # (rows near the end, where e^{b_C − b_j} is not negligible) are short sums, free of the
+        # cancellation that b_C − b_j would suffer when both are large (strong gates).
+        to_end = tl.cumsum(g_i, axis=0, reverse=True) - g_i
         k_i = tl.load(k + tile_k, mask=valid, other=0.0).to(tl.float32)
         v_i = tl.load(v + tile_v, mask=valid, other=0.0)
-        k_decayed = k_i * tl.exp(b_C[None, :] - b_i)
+        k_decayed = k_i * tl.exp(to_end)
         S = tl.exp(b_C)[:, None] * S + _mm(tl.trans(k_decayed), v_i, k, DOT_PRECISION, EMULATE_BF16)
 
     if STORE_FINAL_STATE:
