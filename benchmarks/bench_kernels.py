@@ -202,7 +202,11 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     parser.add_argument("--mixers", nargs="*", default=["ssd", "retnet", "gla", "rwkv7", "attention"])
     parser.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked forms")
+    parser.add_argument("--merge", nargs="+", metavar="RUN.json",
+                        help="combine the results of several runs (each keeps its own meta) into --out")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.backends.cuda.matmul.allow_tf32 = False
     impls = {}
     impls.update(ours("kernel"))
@@ -248,6 +252,20 @@ def save(path, meta, records):
     add_ratios(records)
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
+
+
+def merge(paths, out):
+    """One results file from several runs (a GPU lease may end between them).  Each record keeps
+    the index of its run in ``runs``; ratios are only taken within one run."""
+    runs, records = [], []
+    for i, path in enumerate(paths):
+        with open(path) as f:
+            data = json.load(f)
+        runs.append(data["meta"])
+        records += [r | {"run": i} for r in data["records"]]
+    with open(out, "w") as f:
+        json.dump({"runs": runs, "records": records}, f, indent=1)
+    print_table(records)
 
 
 def add_ratios(records):
