@@ -1,4 +1,5 @@
-"""Gated linear attention (GLA): the Triton chunkwise kernel.  The algorithm of reference/math.md §3.2.
+"""Gated linear attention (GLA): the Triton chunkwise kernels, forward and backward.  Algorithm of
+reference/math.md §3.2.
 
 Per batch element and head, with log forget gate g_t ∈ R^K (g ≤ 0) and state S_t ∈ R^{K×V} (fp32):
 
@@ -10,6 +11,7 @@ b ≤ 0 and b decreases down the chunk); b_C is its value at the chunk's last to
 entering the chunk.  Stacking the chunk's rows into Q, K (C×K) and V (C×V):
 
     step 0  chunk-local cumsum       b_r = g_1 + … + g_r                      (r = 1..C inside the chunk)
+            and sub-chunk-local      β_r = the same sum from the first row of r's sub-chunk
     step 1  inter-chunk state        S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V
     step 2  inter-chunk output       O^inter = (Q ⊙ e^{b}) S_[i]
     step 3  off-diagonal sub-blocks  A_IJ = (Q_I ⊙ e^{b_I − b_ref}) (K_J ⊙ e^{b_ref − b_J})ᵀ     (J < I)
@@ -22,26 +24,90 @@ I lie after b_ref's row and columns s of earlier sub-chunks before it, so b_r �
 in step 4 the pair (r, s) is masked to s ≤ r *before* the exponential.  Hence the matrix products of
 steps 1–3 and 5 can take half-precision operands (tensor cores, fp32 accumulation), while step 4, whose
 factors e^{b_r}, e^{−b_s} would not fit in half precision, is computed pairwise in fp32.
+Exponents between rows of one sub-chunk are taken as differences of β, not of b: b_r − b_s = β_r − β_s
+there, and b_r − b_ref = β_r − β_ref in step 3.  Both are sums of at most c gates, whereas b may reach
+C·max|g| (≈ 450 for strong gates, logsigmoid/0.1, at C = 64), where one fp32 ulp is 3e-5: the
+difference of two such b's would carry that absolute error into every nearby pair's exponent.
 
-Two kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
+Backward.  Given dO = ∂L/∂o and dS_T = ∂L/∂(final state), write dS_[i] = ∂L/∂S_[i] for the gradient of
+the state entering chunk [i] (so dS_[i+1] is that of the state leaving it; dS_[NT] = dS_T, zero when the
+final state is not used, and dS_[0] = ∂L/∂(initial state)).  Step 1 and step 2 are the only places
+S_[i] enters, so the state gradients run the state recurrence backwards, with (scale·Q ⊙ e^{b}, dO) in
+place of (K ⊙ e^{b_C − b}, V):
+
+    step 6  state gradients    dS_[i] = diag(e^{b_C}) dS_[i+1] + scale · (Q ⊙ e^{b})ᵀ dO     (i = NT−1 … 0)
+
+Then, inside chunk [i], with dS' = dS_[i+1] and the score gradient dA_rs = scale · do_r·v_s (s ≤ r, C×C):
+
+    step 7  dv = scale · Aᵀ dO + (K ⊙ e^{b_C − b}) dS'
+    step 8  dq = scale · e^{b} ⊙ (dO S_[i]ᵀ) + dQ^intra,   dQ^intra_rd = Σ_{s ≤ r} dA_rs k_sd e^{b_rd − b_sd}
+            dk = e^{b_C − b} ⊙ (V dS'ᵀ)     + dK^intra,   dK^intra_sd = Σ_{r ≥ s} dA_rs q_rd e^{b_rd − b_sd}
+
+The intra sums have the shape of A and are tiled like it, with the same reference points: for query
+sub-chunk I, with Q̃_I = Q_I ⊙ e^{b_I − b_ref} and K̃_{<I} = K_{<I} ⊙ e^{b_ref − b_{<I}} (the two
+operands of step 3, exponents ≤ 0) and dA_I = the rows of I, columns before I,
+
+    off-diagonal  dQ^intra_I += e^{b_I − b_ref} ⊙ (dA_I K̃_{<I}),
+                  dK^intra_{<I} += e^{b_ref − b_{<I}} ⊙ (dA_Iᵀ Q̃_I)
+    diagonal      the sums over s ≤ r (for dq) and r ≥ s (for dk) inside one sub-chunk, pairwise in fp32,
+                  masked to the pair before the exponential (as step 4).
+
+The gate gradient.  Adding ε to g_td (channel d of token t) multiplies by e^ε every term that carries
+channel d across t: the scores A_rs with s < t ≤ r, the read-outs of the initial state at r ≥ t, and
+everything written into the final state before t.  Multiplying q_rd by e^ε for r ≥ t, k_sd by e^{−ε} for
+s ≥ t and row d of the final state by e^ε does exactly the same (a pair r ≥ s gains e^ε iff s < t ≤ r).
+Differentiating both at ε = 0 (with dq, dk the full gradients of the chain rule above):
+
+    ∂L/∂g_td = Σ_{s ≥ t} (q_sd dq_sd − k_sd dk_sd) + Σ_v (dS_T)_dv (S_T)_dv.
+
+The same argument for chunk [i] alone — its input S_[i] fixed, its output S_[i+1] carrying everything
+after it — makes the sum chunk-local, with the chunk's own output state in the last term:
+
+    ∂L/∂g_td = Σ_{s ≥ t in [i]} (q_sd dq_sd − k_sd dk_sd) + Σ_v dS'_dv S_[i+1],dv.
+
+By step 1, Σ_v dS'_dv S_[i+1],dv = e^{b_C,d} Σ_v dS'_dv S_[i],dv + Σ_{j in [i]} k_jd dk^inter_jd, where
+dk^inter = e^{b_C − b} ⊙ (V dS'ᵀ) is the state part of dk.  Its sum over all j cancels the part j ≥ t of
+−Σ_{s ≥ t} k_s dk^inter_s, which leaves only terms that do depend on g_t:
+
+    step 9  dg_t = Σ_{s ≥ t} (q_s ⊙ dq^inter_s + R_s) + Σ_{j < t} k_j ⊙ dk^inter_j
+                   + e^{b_C} ⊙ diag(dS' S_[i]ᵀ)
+            R_s  = q_s ⊙ dQ^intra_s − k_s ⊙ dK^intra_s             (dq^inter = the state part of dq)
+
+a reverse cumsum and an exclusive cumsum inside the chunk plus one per-chunk term, all in fp32.
+Rounding.  In R the pair terms with both r, s ≥ t cancel, so they must cancel exactly: each pair term
+dA_rs q_rd k_sd e^{b_rd − b_sd} enters q ⊙ dQ^intra (at row r) and k ⊙ dK^intra (at row s), and R
+forms both from the *same* numbers — off the diagonal from the rounded matmul operands, as
+Q̃_I ⊙ (dA_I K̃_{<I}) and K̃_{<I} ⊙ (dA_Iᵀ Q̃_I), on the diagonal from the fp32 pair terms.  Rebuilding R
+as q ⊙ dq − k ⊙ dk from the finished dq, dk would leave the half-precision rounding of every cancelled
+term in dg (the scalar-decay kernel measured relRMS 0.1–0.3 on its decay gradient that way).
+
+Kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
 
 * ``_chunk_states_kernel`` — grid (K/BK, V/BV, B·H).  One program owns a BK×BV tile of one head's
-  state and walks the chunks in order: it stores S_[i] (the state *entering* chunk i, fp32, to
-  ``h [B, H, NT, K, V]``), then applies step 1.  On the way it computes step 0 and, in the programs of
-  the first V tile, stores b (fp32, ``[B, T, H, K]``) for the second kernel.  The last S is the final state.
+  state (fp32) and walks the chunks.  Forward: in order, it stores S_[i] (to ``h [B, H, NT, K, V]``),
+  then applies step 1; on the way it computes step 0 and, in the programs of the first V tile, stores
+  β (fp32, ``[B, T, H, K]``) for the other kernels; the last S is the final state.  With REVERSE (the
+  backward, called with q, dO in place of k, v): from the last chunk to the first, it stores dS_[i+1]
+  (to ``dh [B, H, NT, K, V]``), then applies step 6; the last one is dS_[0].
 * ``_chunk_output_kernel`` — grid (V/BV, NT, B·H), every chunk in parallel.  One program computes the
   C×BV tile of the output of one chunk: for each K tile it adds step 2 to O and steps 3–4 to the C×C
-  score matrix A (kept in registers, never written to memory), then step 5.
+  score matrix A (kept in registers, never written to memory), then step 5.  With DV (the backward,
+  called with dS_[i+1], dO, dv in place of S_[i], V, O) it computes step 7 instead, the same program
+  on the transposed problem: (K ⊙ e^{b_C − b}) dS' for step 2's product, Aᵀ dO for step 5's.
+* ``_chunk_grad_kernel`` — grid (K/BK, NT, B·H), every chunk and key tile in parallel.  One program
+  computes the C×BK tiles of dq, dk and dg of one chunk (steps 8–9): the C×C score gradient dA and the
+  state parts of dq and dk as sums over the V tiles, then the intra-chunk parts sub-chunk by
+  sub-chunk, then the cumsums of step 9.  dA stays in registers.
+
+The backward recomputes the chunk states and β with the forward states kernel (rather than keeping
+the fp32 states of the forward alive), runs it again in REVERSE for dS, then kernel 3 for dq, dk, dg
+and kernel 2 (DV) for dv.
 
 Ragged T is handled by masks (no padded copies): rows past T load as zero and are excluded from every
 exponent.  fp32 inputs use ``input_precision="ieee"`` matmuls (exact enough for 1e-5 tests); bf16 and
-fp16 use tensor cores with fp32 accumulation.  fp16 caveat: S_[i] is rounded to the input dtype for the
-tensor-core product of step 2, so states beyond fp16's range (~6.5e4) would overflow; use bf16 there.
-
-Backward: a ``torch.autograd.Function`` whose backward *recomputes* the forward with the PyTorch
-chunked form ``lecture_kit.gla.chunked`` (the same steps 0–5, in fp32) and differentiates it with
-autograd — there are no Triton backward kernels yet.  Gradients are fp32-accurate, but the backward
-runs at PyTorch speed and holds O(T·c·K) fp32 intermediates per head (the pairwise diagonal sub-blocks).
+fp16 use tensor cores with fp32 accumulation.  fp16 caveat: S_[i] and dS_[i] are rounded to the input
+dtype for the tensor-core products of steps 2, 7 and 8, so states beyond fp16's range (~6.5e4) would
+overflow; use bf16 there.
 """
 from __future__ import annotations
 
@@ -59,10 +125,13 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------------------
-# Tiles.  BK = min(64, K) is fixed on the host; BV, num_warps and num_stages are chosen by timing a few
-# configurations on the first call for each (K, V, C, dtypes) on a GPU (its cost is part of the first
-# call's compile time).  Under the CPU interpreter exactly one configuration runs, with BK = BV = 16,
-# which fits every K and V and makes the small test sizes exercise the tiling over K and V.
+# Tiles.  BK = min(64, K) is fixed on the host (32 in the gradient kernel, which holds dA and more
+# tiles at once); BV, num_warps and num_stages are chosen by timing a few configurations on the first
+# call for each (K, V, C, dtypes) on a GPU (its cost is part of the first call's compile time).  Under
+# the CPU interpreter exactly one configuration runs, with BK = BV = 16, which fits every K and V and
+# makes the small test sizes exercise the tiling over K and V.  Compiled offline for sm_90 (Triton 3.9,
+# bf16/fp16/fp32, K = V = 64..256, C ≤ 64), the gradient kernel's 8-warp configurations keep all in
+# registers (≤ 255, no spills, except fp32 with 2 stages); at C = 128 its C×C dA spills.
 # ------------------------------------------------------------------------------------------------------
 def _configs(gpu_options):
     options = [(16, 4, 1)] if _INTERPRETED else gpu_options
@@ -78,7 +147,7 @@ def _keep_tiles_that_fit(configs, named_args, **kwargs):
 
 @triton.jit
 def _as_input_dtype(x, like, EMULATE_BF16: tl.constexpr):
-    """x rounded to the input dtype (that of the pointer ``like``): matmul operands and the output.
+    """x rounded to the input dtype (that of the pointer ``like``): matmul operands and the outputs.
 
     EMULATE_BF16 is set only under the CPU interpreter, whose bf16 support is broken (arithmetic and
     tl.dot act on the raw bits; fp32 -> bf16 truncates).  There we round to nearest even at bf16's
@@ -99,85 +168,126 @@ def _mm(a, b, like, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
                   input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _store_rounded(ptr, offsets, x, mask, EMULATE_BF16: tl.constexpr):
+    """Store x in the pointer's dtype, rounding to nearest (even) as the GPU does."""
+    tl.store(ptr + offsets, _as_input_dtype(x, ptr, EMULATE_BF16).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head(ptr, i_b, i_h, T, H: tl.constexpr, D: tl.constexpr):
+    """ptr advanced to token 0, channel 0 of batch i_b, head i_h of a [B, T, H, D] tensor (int64 arithmetic)."""
+    return ptr + (i_b.to(tl.int64) * T * H + i_h) * D
+
+
 # ------------------------------------------------------------------------------------------------------
-# Kernel 1: steps 0 and 1, sequential over chunks.
+# Kernel 1: steps 0 and 1, sequential over chunks (and, REVERSE, step 6 of the backward).
 # ------------------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=_configs([(64, 4, 2), (32, 4, 2), (64, 4, 3)]),  # (BV, num_warps, num_stages)
-    key=["K", "V", "C"],
+    key=["K", "V", "C", "REVERSE"],
     prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
 )
 @triton.jit
 def _chunk_states_kernel(
-    k, v, g,              # inputs: k, g [B, T, H, K]; v [B, T, H, V]
-    b, h, h0, ht,         # b [B, T, H, K] fp32 (out); h [B, H, NT, K, V] fp32 (out); h0, ht [B, H, K, V] fp32
-    T, NT,
+    k, v, g,              # inputs: k, g [B, T, H, K]; v [B, T, H, V]   (REVERSE: q, g; dO)
+    beta, h, h0, ht,      # β [B, T, H, K] fp32 (out); h [B, H, NT, K, V] fp32 (out); h0, ht [B, H, K, V] fp32
+    scale, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
+    """Forward: S_[0] = h0; for i = 0 … NT−1: h[i] = S_[i], then step 1 (S_[i+1]); ht = S_[NT].
+    REVERSE:  dS_[NT] = h0; for i = NT−1 … 0: h[i] = dS_[i+1], then step 6 (dS_[i]); ht = dS_[0].
+    (h0, ht absent: start from zero, store nothing.)  β is written in the forward direction only."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)                        # position inside the chunk
     d_k = i_k * BK + tl.arange(0, BK)             # this program's key channels ...
     d_v = i_v * BV + tl.arange(0, BV)             # ... and value channels
 
-    # Token t, channel d of this (batch, head) sits at k[head_k + t·H·K + d] (and alike for g, b, v).
-    head_k = (i_b.to(tl.int64) * T * H + i_h) * K
-    head_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    # Point every tensor at this (batch, head): token t, channel d then sits at k[t·H·K + d] (and alike
+    # for g, β, v), offsets that fit in int32 (checked on the host), so tiles of offsets stay small.
+    k, g, beta = _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K)
+    v = _head(v, i_b, i_h, T, H, V)
     state_tile = d_k[:, None] * V + d_v[None, :]  # [BK, BV] offsets inside one K×V state
     h += i_bh.to(tl.int64) * NT * K * V
 
-    S = tl.zeros([BK, BV], dtype=tl.float32)      # S_[0]
+    S = tl.zeros([BK, BV], dtype=tl.float32)      # S_[0]  (REVERSE: dS_[NT])
     if HAS_INITIAL_STATE:
         S += tl.load(h0 + i_bh.to(tl.int64) * K * V + state_tile)
 
-    for i in range(NT):
+    for step in range(NT):
+        if REVERSE:
+            i = NT - 1 - step
+        else:
+            i = step
         t = i * C + rows
         valid = (t < T)[:, None]
-        tile_k = head_k + t[:, None] * (H * K) + d_k[None, :]
-        tile_v = head_v + t[:, None] * (H * V) + d_v[None, :]
-        tl.store(h + i * K * V + state_tile, S)                      # S_[i], read by kernel 2
+        tile_k = t[:, None] * (H * K) + d_k[None, :]
+        tile_v = t[:, None] * (H * V) + d_v[None, :]
+        tl.store(h + i * K * V + state_tile, S)                      # S_[i] (REVERSE: dS_[i+1])
 
         # step 0: chunk-local cumsum in fp32 (rows past T load g = 0, so b_C = b at the last token)
         g_i = tl.load(g + tile_k, mask=valid, other=0.0).to(tl.float32)
-        b_i = tl.cumsum(g_i, axis=0)                                   # [C, BK], ≤ 0, decreasing
         b_C = tl.sum(g_i, axis=0)                                      # [BK]
-        if i_v == 0:                                                   # one program per K tile writes b
-            tl.store(b + tile_k, b_i, mask=valid)
-
-        # step 1: S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V              exponents ≤ 0
-        # b_C − b_j = g_{j+1} + … + g_C, summed from the chunk's end: the exponents that matter
-        # (rows near the end, where e^{b_C − b_j} is not negligible) are short sums, free of the
-        # cancellation that b_C − b_j would suffer when both are large (strong gates).
-        to_end = tl.cumsum(g_i, axis=0, reverse=True) - g_i
-        k_i = tl.load(k + tile_k, mask=valid, other=0.0).to(tl.float32)
-        v_i = tl.load(v + tile_v, mask=valid, other=0.0)
-        k_decayed = k_i * tl.exp(to_end)
-        S = tl.exp(b_C)[:, None] * S + _mm(tl.trans(k_decayed), v_i, k, DOT_PRECISION, EMULATE_BF16)
+        x_i = tl.load(k + tile_k, mask=valid, other=0.0).to(tl.float32)
+        y_i = tl.load(v + tile_v, mask=valid, other=0.0)
+        if REVERSE:
+            # step 6: dS_[i] = diag(e^{b_C}) dS_[i+1] + scale·(Q ⊙ e^{b})ᵀ dO            exponent b ≤ 0
+            x_i = scale * x_i * tl.exp(tl.cumsum(g_i, axis=0))
+        else:
+            if i_v == 0:                                               # one program per K tile writes β
+                beta_i = tl.cumsum(tl.reshape(g_i, (C // c, c, BK)), axis=1)     # per sub-chunk
+                tl.store(beta + tile_k, tl.reshape(beta_i, (C, BK)), mask=valid)
+            # step 1: S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V          exponents ≤ 0
+            # b_C − b_j = g_{j+1} + … + g_C, summed from the chunk's end: the exponents that matter
+            # (rows near the end, where e^{b_C − b_j} is not negligible) are short sums, free of the
+            # cancellation that b_C − b_j would suffer when both are large (strong gates).
+            x_i = x_i * tl.exp(tl.cumsum(g_i, axis=0, reverse=True) - g_i)
+        S = tl.exp(b_C)[:, None] * S + _mm(tl.trans(x_i), y_i, k, DOT_PRECISION, EMULATE_BF16)
 
     if STORE_FINAL_STATE:
         tl.store(ht + i_bh.to(tl.int64) * K * V + state_tile, S)
 
 
+@triton.jit
+def _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T,
+                       H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr):
+    """The row factors of step 3 for query sub-chunk I, both ≤ 1 and zero outside their rows:
+    e^{b_r − b_ref} on the rows r of I (as β_r − β_ref, a short sum) and e^{b_ref − b_s} on the rows s
+    before I, with b_ref = b at I's first row.  (If I lies past T, its rows are all masked.)"""
+    in_I = ((rows // c == I) & valid)[:, None]                               # query rows of I
+    before_I = ((rows < I * c) & valid)[:, None]                             # key rows of all J < I
+    ref_t = tl.minimum(i_c * C + I * c, T - 1)                               # (in bounds when I is padding)
+    beta_ref = tl.load(beta + ref_t * (H * K) + d_k)[None, :]                # = g at I's first row
+    b_ref = tl.sum(tl.where((rows == I * c)[:, None], b_i, 0.0), axis=0)[None, :]
+    q_fac = tl.where(in_I, tl.exp(tl.where(in_I, beta_i - beta_ref, 0.0)), 0.0)
+    k_fac = tl.where(before_I, tl.exp(tl.where(before_I, b_ref - b_i, 0.0)), 0.0)
+    return q_fac, k_fac
+
+
 # ------------------------------------------------------------------------------------------------------
-# Kernel 2: steps 2-5, parallel over chunks.
+# Kernel 2: steps 2-5, parallel over chunks (and, DV, step 7 of the backward).
 # ------------------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=_configs([(64, 4, 2), (128, 8, 2), (64, 8, 2)]),  # (BV, num_warps, num_stages)
-    key=["K", "V", "C"],
+    key=["K", "V", "C", "DV"],
     prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
 )
 @triton.jit
 def _chunk_output_kernel(
-    q, k, v, b, h,        # q, k [B, T, H, K]; v [B, T, H, V]; b [B, T, H, K] fp32; h [B, H, NT, K, V] fp32
+    q, k, v, g, beta, h,  # q, k, g [B, T, H, K]; v [B, T, H, V]; β [B, T, H, K] fp32; h [B, H, NT, K, V] fp32
     o,                    # output [B, T, H, V]
     scale, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    DV: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
+    """O = scale · ((Q ⊙ e^{b}) S_[i] + A V) for one chunk and V tile (steps 2-5).
+    DV, called with (h, v, o) = (dS_[i+1] of kernel 1 REVERSE, dO, dv): the transposed problem of
+    step 7, dv = (K ⊙ e^{b_C − b}) dS' + scale · Aᵀ dO, with the same A."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)                        # query position r inside chunk i_c ...
@@ -187,52 +297,175 @@ def _chunk_output_kernel(
     valid = t < T
     d_v = i_v * BV + tl.arange(0, BV)
 
-    head_k = (i_b.to(tl.int64) * T * H + i_h) * K
-    head_v = (i_b.to(tl.int64) * T * H + i_h) * V
-    h += (i_bh.to(tl.int64) * NT + i_c) * K * V   # S_[i_c]
+    q, k, g, beta = (_head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K),
+                     _head(g, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K))
+    v, o = _head(v, i_b, i_h, T, H, V), _head(o, i_b, i_h, T, H, V)
+    h += (i_bh.to(tl.int64) * NT + i_c) * K * V   # S_[i_c]  (DV: dS_[i_c + 1])
 
     O = tl.zeros([C, BV], dtype=tl.float32)       # O^inter, later + A V
     A = tl.zeros([C, C], dtype=tl.float32)        # intra-chunk scores, lower triangular
 
     for i_k in range(K // BK):                    # the sums over key channels d, one BK tile at a time
         d_k = i_k * BK + tl.arange(0, BK)
-        tile_k = head_k + t[:, None] * (H * K) + d_k[None, :]
+        tile_k = t[:, None] * (H * K) + d_k[None, :]
         q_i = tl.load(q + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
         k_i = tl.load(k + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-        b_i = tl.load(b + tile_k, mask=valid[:, None], other=0.0)
+        g_i = tl.load(g + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
+        b_i = tl.cumsum(g_i, axis=0)
+        beta_i = tl.load(beta + tile_k, mask=valid[:, None], other=0.0)
 
-        # step 2: O^inter += (Q ⊙ e^{b}) S_[i]                                       exponent b ≤ 0
         S = tl.load(h + d_k[:, None] * V + d_v[None, :])
-        O += _mm(q_i * tl.exp(b_i), S, q, DOT_PRECISION, EMULATE_BF16)
+        if DV:
+            # step 7, state part: dv += (K ⊙ e^{b_C − b}) dS'     exponent b_C − b ≤ 0 (summed from the end)
+            O += _mm(k_i * tl.exp(tl.cumsum(g_i, axis=0, reverse=True) - g_i), S, q, DOT_PRECISION, EMULATE_BF16)
+        else:
+            # step 2: O^inter += (Q ⊙ e^{b}) S_[i]                                     exponent b ≤ 0
+            O += _mm(q_i * tl.exp(b_i), S, q, DOT_PRECISION, EMULATE_BF16)
 
         # step 3: off-diagonal sub-blocks.  For query sub-chunk I, one product covers all J < I:
         #   A[I, :I·c] += (Q_I ⊙ e^{b_I − b_ref}) (K_{<I} ⊙ e^{b_ref − b_{<I}})ᵀ,  b_ref = b at I's first row
         for I in range(1, C // c):
-            ref_t = tl.minimum(i_c * C + I * c, T - 1)   # (clamped to the last token if I is all padding)
-            b_ref = tl.load(b + head_k + ref_t * (H * K) + d_k)[None, :]         # [1, BK]
-            in_I = ((sub == I) & valid)[:, None]                                 # query rows of I
-            before_I = ((rows < I * c) & valid)[:, None]                         # key rows of all J < I
-            q_I = tl.where(in_I, q_i * tl.exp(tl.where(in_I, b_i - b_ref, 0.0)), 0.0)
-            k_I = tl.where(before_I, k_i * tl.exp(tl.where(before_I, b_ref - b_i, 0.0)), 0.0)
-            A += _mm(q_I, tl.trans(k_I), q, DOT_PRECISION, EMULATE_BF16)
+            q_fac, k_fac = _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T, H, K, C, c)
+            A += _mm(q_i * q_fac, tl.trans(k_i * k_fac), q, DOT_PRECISION, EMULATE_BF16)
 
         # step 4: diagonal sub-blocks, pairwise in fp32.  Iteration j fills column j of every diagonal
         # sub-block at once: row r meets key s = (first row of r's sub-chunk) + j, kept when s ≤ r.
         for j in range(c):
             s = sub * c + j                                                      # [C]
-            tile_s = head_k + (i_c * C + s)[:, None] * (H * K) + d_k[None, :]
+            tile_s = (i_c * C + s)[:, None] * (H * K) + d_k[None, :]
             pair = ((s <= rows) & valid)[:, None]                                # (then s is valid too)
             k_s = tl.load(k + tile_s, mask=pair, other=0.0).to(tl.float32)
-            b_s = tl.load(b + tile_s, mask=pair, other=0.0)
-            decay = tl.exp(tl.where(pair, b_i - b_s, 0.0))                       # masked before exp
+            beta_s = tl.load(beta + tile_s, mask=pair, other=0.0)
+            decay = tl.exp(tl.where(pair, beta_i - beta_s, 0.0))                 # masked before exp
             A_rs = tl.sum(q_i * k_s * decay, axis=1)                             # [C]: A[r, s(r)]
             A += tl.where(pair & (cols[None, :] == s[:, None]), A_rs[:, None], 0.0)
 
-    # step 5: O = scale · (O^inter + A V)
-    tile_v = head_v + t[:, None] * (H * V) + d_v[None, :]
+    tile_v = t[:, None] * (H * V) + d_v[None, :]
     v_i = tl.load(v + tile_v, mask=valid[:, None], other=0.0)
-    O = scale * (O + _mm(A, v_i, q, DOT_PRECISION, EMULATE_BF16))
-    tl.store(o + tile_v, _as_input_dtype(O, o, EMULATE_BF16).to(o.dtype.element_ty), mask=valid[:, None])
+    if DV:
+        # step 7: dv = (K ⊙ e^{b_C − b}) dS' + scale · Aᵀ dO
+        O += scale * _mm(tl.trans(A), v_i, q, DOT_PRECISION, EMULATE_BF16)
+    else:
+        # step 5: O = scale · (O^inter + A V)
+        O = scale * (O + _mm(A, v_i, q, DOT_PRECISION, EMULATE_BF16))
+    _store_rounded(o, tile_v, O, valid[:, None], EMULATE_BF16)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel 3: steps 8-9, the gradients of q, k and g, parallel over chunks and key tiles.
+# ------------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=s)
+             for w, s in ([(4, 1)] if _INTERPRETED else [(8, 1), (8, 2)])],   # 4 warps spill at C = 64
+    key=["K", "V", "C", "BK"],
+)
+@triton.jit
+def _chunk_grad_kernel(
+    q, k, v, g, beta,     # q, k, g [B, T, H, K]; v [B, T, H, V]; β [B, T, H, K] fp32
+    h, dh, do,            # h [B, H, NT, K, V] fp32: S_[i];  dh: dS_[i+1];  dO [B, T, H, V]
+    dq, dk, dg,           # out: dq, dk [B, T, H, K] in the input dtype; dg [B, T, H, K] fp32
+    scale, T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """The BK columns of dq, dk and dg of one chunk (steps 8-9).  dA is a sum over all V, formed
+    here by every K tile's program (a C×C×V product, cheap beside the rest)."""
+    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, C)                        # query position r inside chunk i_c ...
+    cols = tl.arange(0, C)                        # ... and key position s
+    sub = rows // c                               # the sub-chunk of each row
+    t = i_c * C + rows
+    valid = t < T
+    d_k = i_k * BK + tl.arange(0, BK)
+
+    q, k, g, beta = (_head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K),
+                     _head(g, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K))
+    dq, dk, dg = _head(dq, i_b, i_h, T, H, K), _head(dk, i_b, i_h, T, H, K), _head(dg, i_b, i_h, T, H, K)
+    v, do = _head(v, i_b, i_h, T, H, V), _head(do, i_b, i_h, T, H, V)
+    h += (i_bh.to(tl.int64) * NT + i_c) * K * V   # S_[i_c]
+    dh += (i_bh.to(tl.int64) * NT + i_c) * K * V  # dS' = dS_[i_c + 1]
+
+    # the score gradient dA_rs = scale · do_r·v_s (s ≤ r); and the state parts of step 8,
+    # dO S_[i]ᵀ and V dS'ᵀ, with diag(dS' S_[i]ᵀ) for step 9 — all sums over the V tiles
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dq_i = tl.zeros([C, BK], dtype=tl.float32)
+    dk_i = tl.zeros([C, BK], dtype=tl.float32)
+    dS_S = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(V // BV):
+        d_v = i_v * BV + tl.arange(0, BV)
+        tile_v = t[:, None] * (H * V) + d_v[None, :]
+        do_i = tl.load(do + tile_v, mask=valid[:, None], other=0.0)
+        v_i = tl.load(v + tile_v, mask=valid[:, None], other=0.0)
+        S = tl.load(h + d_k[:, None] * V + d_v[None, :])
+        dS = tl.load(dh + d_k[:, None] * V + d_v[None, :])
+        dA += _mm(do_i, tl.trans(v_i), q, DOT_PRECISION, EMULATE_BF16)
+        dq_i += _mm(do_i, tl.trans(S), q, DOT_PRECISION, EMULATE_BF16)
+        dk_i += _mm(v_i, tl.trans(dS), q, DOT_PRECISION, EMULATE_BF16)
+        dS_S += tl.sum(dS * S, axis=1)
+    dA = tl.where((cols[None, :] <= rows[:, None]) & valid[:, None], scale * dA, 0.0)
+
+    tile_k = t[:, None] * (H * K) + d_k[None, :]
+    q_i = tl.load(q + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
+    k_i = tl.load(k + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
+    g_i = tl.load(g + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
+    b_i = tl.cumsum(g_i, axis=0)
+    b_C = tl.sum(g_i, axis=0)                                                 # [BK]
+    beta_i = tl.load(beta + tile_k, mask=valid[:, None], other=0.0)
+
+    # step 8, state parts: dq^inter = scale·e^{b} ⊙ (dO S_[i]ᵀ),  dk^inter = e^{b_C − b} ⊙ (V dS'ᵀ)
+    dq_i = scale * tl.exp(b_i) * dq_i                                         # exponent b ≤ 0
+    dk_i = tl.exp(tl.cumsum(g_i, axis=0, reverse=True) - g_i) * dk_i          # b_C − b, from the end
+    # step 9's fp32 sums: R = q ⊙ dq^inter + (q ⊙ dQ^intra − k ⊙ dK^intra), and k ⊙ dk^inter
+    R = q_i * dq_i
+    k_dk_inter = k_i * dk_i
+
+    # off-diagonal sub-blocks: for query sub-chunk I, the operands of step 3 give
+    # dQ^intra_I += e^{b_I − b_ref} ⊙ (dA_I K̃),  dK^intra_{<I} += e^{b_ref − b_{<I}} ⊙ (dA_Iᵀ Q̃_I)
+    for I in range(1, C // c):
+        q_fac, k_fac = _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T, H, K, C, c)
+        q_I = _as_input_dtype(q_i * q_fac, q, EMULATE_BF16)                      # Q̃_I, rounded once
+        k_I = _as_input_dtype(k_i * k_fac, q, EMULATE_BF16)                      # K̃_{<I}
+        dA_I = tl.where((sub[:, None] == I) & (cols[None, :] < I * c), dA, 0.0)
+        dq_I = _mm(dA_I, k_I, q, DOT_PRECISION, EMULATE_BF16)                    # [C, BK], rows of I
+        dk_I = _mm(tl.trans(dA_I), q_I, q, DOT_PRECISION, EMULATE_BF16)          # [C, BK], rows < I·c
+        dq_i += q_fac * dq_I
+        dk_i += k_fac * dk_I
+        R += q_I.to(tl.float32) * dq_I - k_I.to(tl.float32) * dk_I               # the same pair terms
+
+    # diagonal sub-blocks, pairwise in fp32.  Iteration j pairs every row r with key
+    # s = (first row of r's sub-chunk) + j, kept when s ≤ r, for the dq terms ...
+    for j in range(c):
+        s = sub * c + j                                                          # [C]
+        tile_s = (i_c * C + s)[:, None] * (H * K) + d_k[None, :]
+        pair = ((s <= rows) & valid)[:, None]                                    # (then s is valid too)
+        k_s = tl.load(k + tile_s, mask=pair, other=0.0).to(tl.float32)
+        beta_s = tl.load(beta + tile_s, mask=pair, other=0.0)
+        decay = tl.where(pair, tl.exp(tl.where(pair, beta_i - beta_s, 0.0)), 0.0)   # masked before exp
+        dA_rs = tl.sum(tl.where(cols[None, :] == s[:, None], dA, 0.0), axis=1)   # [C]: dA[r, s(r)]
+        dq_rs = dA_rs[:, None] * k_s * decay
+        dq_i += dq_rs
+        R += q_i * dq_rs
+    # ... and the dk terms: row s meets query r = (first row of s's sub-chunk) + j, kept when r ≥ s
+    for j in range(c):
+        r = sub * c + j                                                          # [C]
+        tile_r = (i_c * C + r)[:, None] * (H * K) + d_k[None, :]
+        pair = ((r >= rows) & (i_c * C + r < T))[:, None]
+        q_r = tl.load(q + tile_r, mask=pair, other=0.0).to(tl.float32)
+        beta_r = tl.load(beta + tile_r, mask=pair, other=0.0)
+        decay = tl.where(pair, tl.exp(tl.where(pair, beta_r - beta_i, 0.0)), 0.0)   # masked before exp
+        dA_rs = tl.sum(tl.where(rows[:, None] == r[None, :], dA, 0.0), axis=0)   # [C]: dA[r(s), s]
+        dk_rs = dA_rs[:, None] * q_r * decay
+        dk_i += dk_rs
+        R -= k_i * dk_rs
+
+    # step 9: dg_t = Σ_{s ≥ t} R_s + Σ_{j < t} k_j ⊙ dk^inter_j + e^{b_C} ⊙ diag(dS' S_[i]ᵀ)
+    dg_i = (tl.cumsum(R, axis=0, reverse=True) + tl.cumsum(k_dk_inter, axis=0) - k_dk_inter
+            + (tl.exp(b_C) * dS_S)[None, :])
+    tl.store(dg + tile_k, dg_i, mask=valid[:, None])
+    _store_rounded(dq, tile_k, dq_i, valid[:, None], EMULATE_BF16)
+    _store_rounded(dk, tile_k, dk_i, valid[:, None], EMULATE_BF16)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -261,6 +494,11 @@ def _check(q, k, v, g, scale, initial_state, chunk_size):
         raise sig.error(f"chunk_size = {C}: the kernel needs a power of two between {SUB_CHUNK} and 128")
     if scale is not None:
         sig.scalar("scale", scale)
+    T, H = sig.sizes["T"], sig.sizes["H"]
+    if T * H * max(sig.sizes["K"], sig.sizes["V"]) >= 2**31:
+        raise sig.error(f"T = {T} is too long for one call: offsets inside one batch element must fit in "
+                        "int32 (T·H·max(K, V) < 2^31); split the sequence and pass the state along with "
+                        "initial_state")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise sig.error(f"inputs are on {q.device}; the kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
                         "set before triton is imported (lecture_kit does this on machines without CUDA)")
@@ -268,71 +506,109 @@ def _check(q, k, v, g, scale, initial_state, chunk_size):
     return sig
 
 
-def _forward(q, k, v, g, scale, initial_state, output_final_state, chunk_size):
-    """Launch kernel 1 (steps 0-1) then kernel 2 (steps 2-5); returns (o, final_state or None).
-
-    HBM traffic: kernel 1 reads k, v, g and writes b (fp32) and the chunk states h (fp32, K·V per
-    chunk and head); kernel 2 reads q, k, v, b, h and writes o.  A never leaves the chip.
-    """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
-    NT = triton.cdiv(T, C)
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-
-    b = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
-    h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
-    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+def _launch_options(q):
+    """Matmul precision and bf16 emulation for inputs like q."""
     emulate_bf16 = _INTERPRETED and q.dtype == torch.bfloat16
     # "ieee": exact fp32 products for fp32 inputs; for bf16/fp16 operands the option has no effect.
     precision = "ieee" if q.dtype == torch.float32 or emulate_bf16 else "tf32"
-    BK = 16 if _INTERPRETED else min(64, K)   # key tile (16 on the CPU: small tests still tile K)
+    return dict(DOT_PRECISION=precision, EMULATE_BF16=emulate_bf16)
 
+
+def _key_tile(K, kernel="states"):
+    """BK: 16 on the CPU (small tests still tile K); on a GPU 64, or 32 for the gradient kernel."""
+    return 16 if _INTERPRETED else min(32 if kernel == "grad" else 64, K)
+
+
+def _states(x, y, g, beta, h, first, last, *, scale, chunk_size, reverse):
+    """Kernel 1 over all chunks: forward (x, y = k, v) writes β, h[i] = S_[i] and last = S_[NT];
+    reverse (x, y = q, dO) writes h[i] = dS_[i+1] and last = dS_[0]."""
+    B, T, H, K = x.shape
+    V = y.shape[-1]
+    BK = _key_tile(K)
     _chunk_states_kernel[lambda meta: (K // BK, V // meta["BV"], B * H)](
-        k, v, g, b, h, h0, ht, T, NT,
-        H=H, K=K, V=V, C=C, BK=BK, HAS_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=output_final_state,
-        DOT_PRECISION=precision, EMULATE_BF16=emulate_bf16,
+        x, y, g, beta, h, first, last, scale, T, h.shape[2],
+        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=BK, HAS_INITIAL_STATE=first is not None,
+        STORE_FINAL_STATE=last is not None, REVERSE=reverse, **_launch_options(x),
     )
+
+
+def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
+    """Launch kernel 1 (steps 0-1) then kernel 2 (steps 2-5); returns (o, final_state or None).
+
+    HBM traffic: kernel 1 reads k, v, g and writes β (fp32) and the chunk states h (fp32, K·V per
+    chunk and head); kernel 2 reads q, k, v, g, β, h and writes o.  A never leaves the chip.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+    h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    _states(k, v, g, beta, h, h0, ht, scale=1.0, chunk_size=chunk_size, reverse=False)
     _chunk_output_kernel[lambda meta: (V // meta["BV"], NT, B * H)](
-        q, k, v, b, h, o, scale, T, NT,
-        H=H, K=K, V=V, C=C, c=SUB_CHUNK, BK=BK, DOT_PRECISION=precision, EMULATE_BF16=emulate_bf16,
+        q, k, v, g, beta, h, o, scale, T, NT,
+        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=_key_tile(K), DV=False, **_launch_options(q),
     )
     return o, ht
 
 
+def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
+    """Kernel 1 (recompute β and S_[i]), kernel 1 REVERSE (step 6: dS_[i+1] and dS_[0]), kernel 3
+    (steps 8-9: dq, dk, dg), kernel 2 DV (step 7: dv).  Returns dq, dk, dv (input dtype), dg (fp32),
+    d initial_state (fp32, or None).
+
+    HBM traffic beyond the inputs: β, the states and their gradients (fp32, written once, read by
+    kernels 3 and 2); dA and A never leave the chip.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, chunk_size)
+    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+    h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
+    dh = torch.empty_like(h)
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    _states(k, v, g, beta, h, h0, None, scale=1.0, chunk_size=chunk_size, reverse=False)
+    _states(q, do, g, beta, dh, dht, dh0, scale=scale, chunk_size=chunk_size, reverse=True)
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+    BK = _key_tile(K, "grad")
+    _chunk_grad_kernel[(K // BK, NT, B * H)](
+        q, k, v, g, beta, h, dh, do, dq, dk, dg, scale, T, NT,
+        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=BK, BV=16 if _INTERPRETED else min(64, V),
+        **_launch_options(q),
+    )
+    _chunk_output_kernel[lambda meta: (V // meta["BV"], NT, B * H)](
+        q, k, do, g, beta, dh, dv, scale, T, NT,
+        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=_key_tile(K), DV=True, **_launch_options(q),
+    )
+    return dq, dk, dv, dg, dh0
+
+
 class _GLAChunked(torch.autograd.Function):
-    """Forward: the two Triton kernels.  Backward: recompute with ``gla.chunked`` (fp32) and autograd."""
+    """Forward: kernels 1 and 2.  Backward: kernel 1 twice (states, then their gradients), kernel 3
+    (dq, dk, dg) and kernel 2 in its DV mode (dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):
-        o, ht = _forward(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
-        ctx.save_for_backward(q, k, v, g, initial_state)
+        q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+        h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+        o, ht = _forward(q, k, v, g, scale, h0, output_final_state, chunk_size)
+        ctx.save_for_backward(q, k, v, g, h0)
         ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)          # an unused output's gradient arrives as None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        from .. import gla   # the PyTorch forms (imported here: lecture_kit.gla wires up this module)
-
         q, k, v, g, h0 = ctx.saved_tensors
-        inputs = (q, k, v, g, h0)
-        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
-        with torch.enable_grad():
-            leaves = [None if x is None else x.detach().float().requires_grad_(i in wanted)
-                      for i, x in enumerate(inputs)]
-            o, ht = gla.chunked(*leaves[:4], scale=ctx.scale, initial_state=leaves[4],
-                                output_final_state=dht is not None, chunk_size=ctx.chunk_size)
-            outputs, cotangents = [o], [do.float()]
-            if dht is not None:
-                outputs.append(ht)
-                cotangents.append(dht.float())
-            found = torch.autograd.grad(outputs, [leaves[i] for i in wanted], cotangents, allow_unused=True)
-        grads = [None] * 5
-        for i, d in zip(wanted, found):
-            grads[i] = torch.zeros_like(inputs[i]) if d is None else d.to(inputs[i].dtype)
-        return (*grads, None, None, None)
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dht = None if dht is None else dht.to(torch.float32).contiguous()
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, ctx.scale, h0, ctx.chunk_size, do, dht)
+        dh0 = None if dh0 is None else dh0.to(ctx.initial_state_dtype)
+        return dq, dk, dv, dg.to(g.dtype), dh0, None, None, None
 
 
 def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64):
@@ -342,7 +618,7 @@ def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=Fal
     initial_state None or [B, H, K, V] (fp32).  K and V powers of two in 16..256; chunk_size a power
     of two in 16..128; any T ≥ 1.  ``scale=None`` means K^-1/2.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32, or None).
-    Differentiable in q, k, v, g and initial_state (backward recomputes in PyTorch; see module docstring).
+    Differentiable in q, k, v, g and initial_state, with Triton backward kernels (module docstring).
     """
     _check(q, k, v, g, scale, initial_state, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
