@@ -1,5 +1,6 @@
 """Matplotlib helpers for the pictures this lecture draws again and again: a T×T mixing matrix with
-its chunk grid, and the singular values of one of its blocks.
+its chunk grid, the singular values of one of its blocks, and the timings of a mixer's forms
+(this machine beside the recorded H200 runs).
 
 Every helper draws on an ``Axes`` it is given and returns what it drew, so a notebook or a widget
 lays out its own figure.  Conventions (as in notebook 00): rows are targets i, columns are sources j;
@@ -17,6 +18,8 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
+
+from .bench import run_label
 
 #: Colour of the structural zeros above the diagonal of a lower-triangular matrix.
 MASKED_COLOUR = "0.9"
@@ -145,3 +148,33 @@ def singular_values(ax: Axes, s, *, relative_to: float | None = None, threshold:
     if title is not None:
         ax.set_title(title)
     return counted
+
+
+def plot_ladder(axes, live: dict, record: dict, mixer: str, *, title: str):
+    """Timings of one mixer's ladder on two Axes, ``axes = (ax_live, ax_rec)``, both log–log, T in
+    tokens against ms per call.
+
+    * ``ax_live``: this machine's timings, ``live = {form: [(T, ms), ...]}`` as returned by
+      ``bench.time_forms``, one line per form; titled ``title``.
+    * ``ax_rec``: the recorded runs of ``record`` (``bench.load_record``) for ``mixer``, one line per
+      (implementation, mode): forward ``o-``, forward plus backward ``s--``, each implementation in
+      its own colour, with the "attention" baseline (PyTorch's SDPA, ``impl`` starting "torch") in grey
+      for scale.  Failed measurements are left out.  Titled with the ``bench.run_label`` of the runs.
+
+    Returns ``(live_lines, recorded_lines)``, the ``Line2D`` objects drawn on each Axes.
+    """
+    ax_live, ax_rec = axes
+    live_lines = [ax_live.loglog(*zip(*points), "o-", label=form)[0] for form, points in live.items()]
+    rows = [r for r in record["records"] if r["mixer"] in (mixer, "attention") and r.get("ms")]
+    impls = sorted({r["impl"] for r in rows})
+    recorded_lines = []
+    for impl, mode in sorted({(r["impl"], r["mode"]) for r in rows}):
+        pts = sorted((r["T"], r["ms"]) for r in rows if (r["impl"], r["mode"]) == (impl, mode))
+        colour = "0.6" if impl.startswith("torch") else f"C{impls.index(impl)}"
+        recorded_lines += ax_rec.loglog(*zip(*pts), "o-" if mode == "fwd" else "s--", color=colour,
+                                        label=f"{impl} ({mode})")
+    labels = sorted({run_label(record, r["run"]) for r in rows})
+    for ax, text in ((ax_live, title), (ax_rec, "recorded: " + "; ".join(labels))):
+        ax.set_title(text, fontsize=8); ax.set_xlabel("T (tokens)"); ax.set_ylabel("ms per call")
+        ax.legend(fontsize=7)
+    return live_lines, recorded_lines
