@@ -61,6 +61,16 @@ def check(claim: str, actual: torch.Tensor, reference: torch.Tensor, bounds) -> 
     return e
 
 
+def check_equal(claim: str, actual, expected):
+    """The checking cell of an exact claim (a rank, a count, a byte size): assert equality and print
+    one line, ``✓ claim   actual (expected expected)``; integers get thousands separators."""
+    show = lambda x: f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else f"{x}"
+    ok = actual == expected
+    line = f"{'✓' if ok else '✗'} {claim}   {show(actual)} (expected {show(expected)})"
+    print(line)
+    assert ok, line
+
+
 def to_reference(tree):
     """Cast every floating tensor of a (nested) tuple/list/dict to fp64: the reference's inputs."""
     if isinstance(tree, torch.Tensor):
