@@ -273,6 +273,12 @@ class GatedRMSNorm(HeadNorm):
         return super().forward(y.to(f) * F.silu(z.to(f))).to(y.dtype)
 
 
+def _zero_state(projection: nn.Linear, batch: int, heads: int, key_dim: int, value_dim: int) -> torch.Tensor:
+    """An empty matrix state [B, H, K, V] on the layer's device, fp32 (fp64 for an fp64 layer)."""
+    w = projection.weight
+    return w.new_zeros(batch, heads, key_dim, value_dim, dtype=compute_dtype(w.dtype))
+
+
 class SequenceLayer(nn.Module):
     """What the layers of this module share: u [B, T, d_model] → out [B, T, d_model], in two ways.
 
@@ -528,9 +534,7 @@ class MultiScaleRetention(SequenceLayer):
         return self._readout(o, u)[:, 0], RecurrentCache(S, None, cache.position + 1)
 
     def _empty_cache(self, batch: int) -> RecurrentCache:
-        w = self.q_proj.weight
-        return RecurrentCache(w.new_zeros(batch, self.n_heads, self.key_dim, self.value_dim,
-                                          dtype=compute_dtype(w.dtype)), None, 0)
+        return RecurrentCache(_zero_state(self.q_proj, batch, self.n_heads, self.key_dim, self.value_dim), None, 0)
 
     def hidden_attention(self, u: torch.Tensor) -> torch.Tensor:
         """The retention matrices [B, H, T, T] for input u [B, T, d_model]: M_nm = K^{−1/2} q_nᵀ k_m γ^{n−m}
@@ -596,9 +600,7 @@ class GLALayer(SequenceLayer):
         return self._readout(o, u)[:, 0], RecurrentCache(S, None, cache.position + 1)
 
     def _empty_cache(self, batch: int) -> RecurrentCache:
-        w = self.q_proj.weight
-        return RecurrentCache(w.new_zeros(batch, self.n_heads, self.key_dim, self.value_dim,
-                                          dtype=compute_dtype(w.dtype)), None, 0)
+        return RecurrentCache(_zero_state(self.q_proj, batch, self.n_heads, self.key_dim, self.value_dim), None, 0)
 
     def hidden_attention(self, u: torch.Tensor) -> torch.Tensor:
         """The GLA matrices [B, H, T, T] for input u: P_ij = K^{−1/2} Σ_d q_id k_jd exp(b_id − b_jd) (j ≤ i),
@@ -733,9 +735,8 @@ class RWKV7TimeMix(SequenceLayer):
         return self._readout(o, inputs, gate)[:, 0], RecurrentCache(S, u_t, cache.position + 1)
 
     def _empty_cache(self, batch: int) -> RecurrentCache:
-        w = self.r_proj.weight
-        return RecurrentCache(w.new_zeros(batch, self.n_heads, self.head_size, self.head_size,
-                                          dtype=compute_dtype(w.dtype)), w.new_zeros(batch, self.d_model), 0)
+        state = _zero_state(self.r_proj, batch, self.n_heads, self.head_size, self.head_size)
+        return RecurrentCache(state, self.r_proj.weight.new_zeros(batch, self.d_model), 0)
 
     def hidden_attention(self, u: torch.Tensor) -> torch.Tensor:
         """The WKV matrices [B, H, T, T] for input u: A_tj = r_tᵀ G_t ⋯ G_{j+1} k̃_j (j ≤ t),
