@@ -24,6 +24,18 @@ TOLERANCE = {
     "half_grad": (1e-2, 5e-2),       # their gradients
 }
 
+
+
+def sequential_fp32_bounds(steps: int) -> tuple[float, float]:
+    """(rel_rms, max_abs) bounds for an fp32 form that applies ``steps`` updates one after another
+    (the token-by-token recurrence).  A contribution n steps old has passed through n rounded
+    multiplications by the decay (unit roundoff u = 2⁻²⁴ each), a relative error of up to about n·u,
+    which decays close to 1 hardly shrink; so the bound is steps·u, never tighter than
+    ``TOLERANCE["fp32"]``.  The chunked and parallel forms need no such allowance: they form every
+    decay power directly, as exp of a sum of log-decays."""
+    return tuple(max(b, steps * 2.0 ** -24) for b in TOLERANCE["fp32"])
+
+
 MIXERS = ("ssd", "retnet", "gla", "rwkv7")
 
 

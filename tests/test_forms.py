@@ -8,7 +8,9 @@ and 64, zero and non-zero initial states, weak and strong gates, and SSD with G 
 import pytest
 import torch
 
-from lecture_kit.testing import TOLERANCE, errors, matrix_args, mixer, random_inputs, to_reference, values_of
+from lecture_kit import retnet
+from lecture_kit.testing import (TOLERANCE, errors, matrix_args, mixer, random_inputs, sequential_fp32_bounds,
+                                 to_reference, values_of)
 
 # (mixer name, extra random_inputs keywords): SSD once with one group of B/C, once with G = H
 CASES = [("ssd", {"groups": 1}), ("ssd", {"groups": 2}), ("retnet", {}), ("gla", {}), ("rwkv7", {})]
@@ -102,3 +104,16 @@ def test_chunked_gradients_equal_recurrent_gradients(name, extra, T):
     names = [f"arg{i}" for i in range(len(leaves))] + list(kw_leaves)
     for n, r, c in zip(names, ref, got):
         assert_close(f"d{n}", c, r, (1e-10, 1e-10))
+
+
+def test_sequential_fp32_bounds_cover_a_long_recurrence_and_stay_tight_for_short_ones():
+    """The recurrence's bound grows as T·2⁻²⁴ and holds for RetNet's slowest decays at T = 2048;
+    at short T it is the ordinary fp32 bound."""
+    assert sequential_fp32_bounds(64) == TOLERANCE["fp32"]
+    T = 2048
+    args, _ = random_inputs("retnet", batch=1, length=T, heads=8, key_dim=16, value_dim=16,
+                            dtype=torch.float32, seed=0)
+    assert torch.exp(args[3]).max() > 1 - 2.0 ** -11           # the slowest head, γ = 1 − 2⁻¹²
+    o, _ = retnet.recurrent(*args)
+    ref, _ = retnet.recurrent(*to_reference(args))
+    assert errors(o, ref).within(sequential_fp32_bounds(T))
