@@ -83,25 +83,31 @@ term in dg (the scalar-decay kernel measured relRMS 0.1–0.3 on its decay gradi
 
 Kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
 
+* ``_chunk_intra_kernel`` — grid (NT·C/c, B·H), every sub-chunk in parallel.  One program owns the c
+  rows of one query sub-chunk I and does everything that needs only its chunk, summed or tiled over
+  K: step 0 (β on its rows, b and b_C from the chunk's gates), the decayed operands Q ⊙ e^{b} and
+  K ⊙ e^{b_C − b} of its rows, e^{b_C} (the program of the first sub-chunk), and the rows of A
+  (steps 3–4): one tensor-core product for all the columns before I, then the diagonal c×c block
+  pairwise, one key row at a time (c steps of [c, BK] work).  A ``[B, H, T, C]`` holds row r of a
+  chunk as A[r, 0..C−1]; for the backward it also stores β (fp32, ``[B, T, H, K]``).
 * ``_chunk_states_kernel`` — grid (K/BK, V/BV, B·H).  One program owns a BK×BV tile of one head's
-  state (fp32) and walks the chunks.  Forward: in order, it stores S_[i] (to ``h [B, H, NT, K, V]``),
-  then applies step 1; on the way it computes step 0 and, in the programs of the first V tile, stores
-  β (fp32, ``[B, T, H, K]``) for the other kernels; the last S is the final state.  With REVERSE (the
-  backward, called with q, dO in place of k, v): from the last chunk to the first, it stores dS_[i+1]
-  (to ``dh [B, H, NT, K, V]``), then applies step 6; the last one is dS_[0].
-* ``_chunk_output_kernel`` — grid (V/BV, NT, B·H), every chunk in parallel.  One program computes the
-  C×BV tile of the output of one chunk: for each K tile it adds step 2 to O and steps 3–4 to the C×C
-  score matrix A (kept in registers, never written to memory), then step 5.  With DV (the backward,
-  called with dS_[i+1], dO, dv in place of S_[i], V, O) it computes step 7 instead, the same program
-  on the transposed problem: (K ⊙ e^{b_C − b}) dS' for step 2's product, Aᵀ dO for step 5's.
+  state (fp32) and walks the chunks, S ← diag(e^{b_C}) S + scale · Xᵀ Y, storing the state that
+  enters each chunk to ``h [B, H, NT, K, V]``.  Forward (step 1): X = K ⊙ e^{b_C − b}, Y = V, in
+  order, and the last S is the final state.  REVERSE (step 6): X = Q ⊙ e^{b}, Y = dO, from the last
+  chunk to the first, storing dS_[i+1]; the last one is dS_[0].  Nothing but loads, one product and
+  one store stands on this sequential path; every exponential was taken by kernel 1.
+* ``_chunk_output_kernel`` — grid (V/BV, NT, B·H), every chunk in parallel: O = scale · (X S + A Y)
+  with X = Q ⊙ e^{b}, S = S_[i], Y = V (steps 2 and 5); transposed, for the backward's step 7,
+  dv = X dS' + scale · Aᵀ dO with X = K ⊙ e^{b_C − b}.
 * ``_chunk_grad_kernel`` — grid (K/BK, NT, B·H), every chunk and key tile in parallel.  One program
   computes the C×BK tiles of dq, dk and dg of one chunk (steps 8–9): the C×C score gradient dA and the
   state parts of dq and dk as sums over the V tiles, then the intra-chunk parts sub-chunk by
   sub-chunk, then the cumsums of step 9.  dA stays in registers.
 
-The backward recomputes the chunk states and β with the forward states kernel (rather than keeping
-the fp32 states of the forward alive), runs it again in REVERSE for dS, then kernel 3 for dq, dk, dg
-and kernel 2 (DV) for dv.
+Forward: kernels 1, 2, 3.  A, the decayed operands and the chunk states are stored in the dtype in
+which the tensor-core products read them (bf16/fp16 for half inputs, fp32 otherwise), so storing
+them narrow loses nothing.  The backward runs kernel 1 again (with β), kernel 2 for the states (fp32)
+and, REVERSE, for their gradients, kernel 4 for dq, dk, dg, and kernel 3 transposed for dv.
 
 Ragged T is handled by masks (no padded copies): rows past T load as zero and are excluded from every
 exponent.  fp32 inputs use ``input_precision="ieee"`` matmuls (exact enough for 1e-5 tests); bf16 and
@@ -181,36 +187,119 @@ def _head(ptr, i_b, i_h, T, H: tl.constexpr, D: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Kernel 1: steps 0 and 1, sequential over chunks (and, REVERSE, step 6 of the backward).
+# Kernel 1: everything inside one chunk (steps 0, 3, 4 and the decayed operands), one sub-chunk per program.
 # ------------------------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_configs([(64, 4, 2), (32, 4, 2), (64, 4, 3)]),  # (BV, num_warps, num_stages)
+    configs=[triton.Config({}, num_warps=w, num_stages=s)
+             for w, s in ([(4, 1)] if _INTERPRETED else [(2, 1), (4, 1), (4, 2)])],
+    key=["K", "C", "STORE_BETA"],
+)
+@triton.jit
+def _chunk_intra_kernel(
+    q, k, g,              # inputs [B, T, H, K]
+    A,                    # out: [B, H, T, C], row r of a chunk = A[r, 0..C−1] (operand dtype)
+    q_dec, k_dec,         # out: Q ⊙ e^{b} and K ⊙ e^{b_C − b}, [B, T, H, K] (operand dtype)
+    decay_C, beta,        # out: e^{b_C} [B, H, NT, K] fp32; if STORE_BETA, β [B, T, H, K] fp32
+    T, NT,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr,
+    STORE_BETA: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """Rows of query sub-chunk I of chunk i_c: A (step 3 for the columns before I, step 4 for the
+    diagonal c×c block, summed over the K tiles) and the decayed operands of steps 1, 2 and 7."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, I = i_s // (C // c), i_s % (C // c)          # chunk, and query sub-chunk inside it
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, C)                        # position inside the chunk (the key rows of step 3) ...
+    rows_I = tl.arange(0, c)                      # ... and inside sub-chunk I
+    t = i_c * C + rows
+    t_I = i_c * C + I * c + rows_I
+    valid, valid_I = (t < T)[:, None], (t_I < T)[:, None]
+    before_I = (rows < I * c)[:, None] & valid    # the key rows of step 3
+    after_I = (rows >= (I + 1) * c)[:, None]
+
+    q, k, g = _head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K)
+    q_dec, k_dec = _head(q_dec, i_b, i_h, T, H, K), _head(k_dec, i_b, i_h, T, H, K)
+    A_I = tl.zeros([c, C], dtype=tl.float32)
+    for i_k in range(K // BK):                    # the sums over key channels d, one BK tile at a time
+        d_k = i_k * BK + tl.arange(0, BK)
+        tile_I = t_I[:, None] * (H * K) + d_k[None, :]
+        q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+        k_I = tl.load(k + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+        g_I = tl.load(g + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+        g_i = tl.load(g + t[:, None] * (H * K) + d_k[None, :], mask=valid, other=0.0).to(tl.float32)
+
+        # step 0: β on the rows of I (sub-chunk-local cumsum); b = (sum of g before I) + β there; b_C
+        beta_I = tl.cumsum(g_I, axis=0)
+        b_I = tl.sum(tl.where(before_I, g_i, 0.0), axis=0)[None, :] + beta_I                  # ≤ 0
+        # b_C − b_r = g_{r+1} + … + g_C: the rest of I, then the rows after it, summed from the end
+        b_C_minus_b_I = (tl.cumsum(g_I, axis=0, reverse=True) - g_I
+                         + tl.sum(tl.where(after_I, g_i, 0.0), axis=0)[None, :])                # ≤ 0
+        if STORE_BETA:
+            tl.store(_head(beta, i_b, i_h, T, H, K) + tile_I, beta_I, mask=valid_I)
+        if I == 0:                                # one program per chunk writes e^{b_C}
+            tl.store(decay_C + (i_bh.to(tl.int64) * NT + i_c) * K + d_k, tl.exp(tl.sum(g_i, axis=0)))
+        # the decayed operands: Q ⊙ e^{b} (steps 2 and 6), K ⊙ e^{b_C − b} (steps 1 and 7)
+        _store_rounded(q_dec, tile_I, q_I * tl.exp(b_I), valid_I, EMULATE_BF16)
+        _store_rounded(k_dec, tile_I, k_I * tl.exp(b_C_minus_b_I), valid_I, EMULATE_BF16)
+
+        # step 3: A[I, :I·c] = (Q_I ⊙ e^{b_I − b_ref}) (K_{<I} ⊙ e^{b_ref − b_{<I}})ᵀ with b_ref = b at
+        # I's first row.  Both exponents are short sums taken as such, never differences of b:
+        # b_r − b_ref = β_r − g_ref inside I, and b_ref − b_s = g_{s+1} + … + g_{I·c} (reverse cumsum).
+        if I > 0:
+            k_i = tl.load(k + t[:, None] * (H * K) + d_k[None, :], mask=before_I, other=0.0).to(tl.float32)
+            g_before = tl.where(before_I, g_i, 0.0)
+            g_ref = tl.sum(tl.where(rows_I[:, None] == 0, g_I, 0.0), axis=0)[None, :]     # [1, BK]
+            k_fac = tl.exp(tl.cumsum(g_before, axis=0, reverse=True) - g_before + g_ref)  # ≤ 1
+            q_fac = tl.exp(beta_I - g_ref)                                               # ≤ 1
+            A_I += _mm(q_I * q_fac, tl.trans(tl.where(before_I, k_i * k_fac, 0.0)), q,
+                       DOT_PRECISION, EMULATE_BF16)
+
+        # step 4: the diagonal block, pairwise in fp32.  Iteration j is key s = I·c + j: row j of K_I
+        # and of β_I against the c query rows, kept when s ≤ r (masked before exp).
+        for j in range(c):
+            pair = (rows_I[:, None] >= j) & valid_I                                  # [c, 1]
+            k_s = tl.sum(tl.where(rows_I[:, None] == j, k_I, 0.0), axis=0)           # row j of K_I [BK]
+            beta_s = tl.sum(tl.where(rows_I[:, None] == j, beta_I, 0.0), axis=0)     # row j of β_I
+            decay = tl.exp(tl.where(pair, beta_I - beta_s[None, :], float("-inf")))
+            A_rs = tl.sum(q_I * k_s[None, :] * decay, axis=1)                        # [c]: A[r, s]
+            A_I += tl.where(rows[None, :] == I * c + j, A_rs[:, None], 0.0)
+
+    A += (i_bh.to(tl.int64) * T + i_c * C + I * c) * C
+    _store_rounded(A, rows_I[:, None] * C + rows[None, :], A_I, valid_I, EMULATE_BF16)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel 2: step 1 (and, REVERSE, step 6), sequential over chunks.
+# ------------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=_configs([(64, 4, 2), (32, 4, 2), (64, 4, 3), (32, 4, 3), (32, 2, 2)]),  # (BV, warps, stages)
     key=["K", "V", "C", "REVERSE"],
     prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
 )
 @triton.jit
 def _chunk_states_kernel(
-    k, v, g,              # inputs: k, g [B, T, H, K]; v [B, T, H, V]   (REVERSE: q, g; dO)
-    beta, h, h0, ht,      # β [B, T, H, K] fp32 (out); h [B, H, NT, K, V] fp32 (out); h0, ht [B, H, K, V] fp32
+    x, y, decay_C,        # x [B, T, H, K], y [B, T, H, V]: K ⊙ e^{b_C − b}, V  (REVERSE: Q ⊙ e^{b}, dO);
+                          # decay_C = e^{b_C} [B, H, NT, K] fp32
+    h, h0, ht,            # h [B, H, NT, K, V] (out); h0, ht [B, H, K, V] fp32
     scale, T, NT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
-    """Forward: S_[0] = h0; for i = 0 … NT−1: h[i] = S_[i], then step 1 (S_[i+1]); ht = S_[NT].
-    REVERSE:  dS_[NT] = h0; for i = NT−1 … 0: h[i] = dS_[i+1], then step 6 (dS_[i]); ht = dS_[0].
-    (h0, ht absent: start from zero, store nothing.)  β is written in the forward direction only."""
+    """S ← diag(e^{b_C}) S + scale · Xᵀ Y over the chunks, one BK×BV tile of one head's state (fp32).
+    Forward (step 1, scale 1): S_[0] = h0; for i = 0 … NT−1: h[i] = S_[i], then S_[i+1]; ht = S_[NT].
+    REVERSE (step 6): dS_[NT] = h0; for i = NT−1 … 0: h[i] = dS_[i+1], then dS_[i]; ht = dS_[0].
+    (h0, ht absent: start from zero, store nothing.)"""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)                        # position inside the chunk
     d_k = i_k * BK + tl.arange(0, BK)             # this program's key channels ...
     d_v = i_v * BV + tl.arange(0, BV)             # ... and value channels
 
-    # Point every tensor at this (batch, head): token t, channel d then sits at k[t·H·K + d] (and alike
-    # for g, β, v), offsets that fit in int32 (checked on the host), so tiles of offsets stay small.
-    k, g, beta = _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K)
-    v = _head(v, i_b, i_h, T, H, V)
+    # Point every tensor at this (batch, head): token t, channel d then sits at x[t·H·K + d] (and alike
+    # for y), offsets that fit in int32 (checked on the host), so tiles of offsets stay small.
+    x, y = _head(x, i_b, i_h, T, H, K), _head(y, i_b, i_h, T, H, V)
+    decay_C += i_bh.to(tl.int64) * NT * K + d_k
     state_tile = d_k[:, None] * V + d_v[None, :]  # [BK, BV] offsets inside one K×V state
     h += i_bh.to(tl.int64) * NT * K * V
 
@@ -225,31 +314,60 @@ def _chunk_states_kernel(
             i = step
         t = i * C + rows
         valid = (t < T)[:, None]
-        tile_k = t[:, None] * (H * K) + d_k[None, :]
-        tile_v = t[:, None] * (H * V) + d_v[None, :]
-        tl.store(h + i * K * V + state_tile, S)                      # S_[i] (REVERSE: dS_[i+1])
-
-        # step 0: chunk-local cumsum in fp32 (rows past T load g = 0, so b_C = b at the last token)
-        g_i = tl.load(g + tile_k, mask=valid, other=0.0).to(tl.float32)
-        b_C = tl.sum(g_i, axis=0)                                      # [BK]
-        x_i = tl.load(k + tile_k, mask=valid, other=0.0).to(tl.float32)
-        y_i = tl.load(v + tile_v, mask=valid, other=0.0)
-        if REVERSE:
-            # step 6: dS_[i] = diag(e^{b_C}) dS_[i+1] + scale·(Q ⊙ e^{b})ᵀ dO            exponent b ≤ 0
-            x_i = scale * x_i * tl.exp(tl.cumsum(g_i, axis=0))
-        else:
-            if i_v == 0:                                               # one program per K tile writes β
-                beta_i = tl.cumsum(tl.reshape(g_i, (C // c, c, BK)), axis=1)     # per sub-chunk
-                tl.store(beta + tile_k, tl.reshape(beta_i, (C, BK)), mask=valid)
-            # step 1: S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V          exponents ≤ 0
-            # b_C − b_j = g_{j+1} + … + g_C, summed from the chunk's end: the exponents that matter
-            # (rows near the end, where e^{b_C − b_j} is not negligible) are short sums, free of the
-            # cancellation that b_C − b_j would suffer when both are large (strong gates).
-            x_i = x_i * tl.exp(tl.cumsum(g_i, axis=0, reverse=True) - g_i)
-        S = tl.exp(b_C)[:, None] * S + _mm(tl.trans(x_i), y_i, k, DOT_PRECISION, EMULATE_BF16)
+        _store_rounded(h + i * K * V, state_tile, S, None, EMULATE_BF16)  # S_[i] (REVERSE: dS_[i+1])
+        x_i = tl.load(x + t[:, None] * (H * K) + d_k[None, :], mask=valid, other=0.0)
+        y_i = tl.load(y + t[:, None] * (H * V) + d_v[None, :], mask=valid, other=0.0)
+        # step 1: S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V                 exponents ≤ 0
+        # step 6: dS_[i] = diag(e^{b_C}) dS_[i+1] + scale · (Q ⊙ e^{b})ᵀ dO
+        S = tl.load(decay_C + i * K)[:, None] * S + scale * _mm(tl.trans(x_i), y_i, x, DOT_PRECISION,
+                                                                 EMULATE_BF16)
 
     if STORE_FINAL_STATE:
         tl.store(ht + i_bh.to(tl.int64) * K * V + state_tile, S)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel 3: steps 2 and 5 (and, transposed, step 7 of the backward), parallel over chunks.
+# ------------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=_configs([(64, 4, 2), (128, 8, 2), (64, 8, 2), (32, 4, 2), (128, 4, 3)]),
+    key=["K", "V", "C", "TRANSPOSE_A"],
+    prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
+)
+@triton.jit
+def _chunk_output_kernel(
+    x, A, h, y,           # x [B, T, H, K]; A [B, H, T, C]; h [B, H, NT, K, V]; y [B, T, H, V]
+    o,                    # out: [B, T, H, V]
+    state_scale, score_scale, T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    TRANSPOSE_A: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """o = state_scale · X S + score_scale · A Y (Aᵀ Y if TRANSPOSE_A) for one chunk and V tile.
+    Steps 2 and 5: X = Q ⊙ e^{b}, S = S_[i], Y = V, both scales = scale.
+    Step 7:        X = K ⊙ e^{b_C − b}, S = dS_[i+1], Y = dO, Aᵀ, state_scale 1, score_scale scale."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, C)                        # position inside chunk i_c
+    t = i_c * C + rows
+    valid = (t < T)[:, None]
+    d_v = i_v * BV + tl.arange(0, BV)
+
+    x, y, o = _head(x, i_b, i_h, T, H, K), _head(y, i_b, i_h, T, H, V), _head(o, i_b, i_h, T, H, V)
+    h += (i_bh.to(tl.int64) * NT + i_c) * K * V
+    O = tl.zeros([C, BV], dtype=tl.float32)
+    for i_k in range(K // BK):                    # the sum over key channels d, one BK tile at a time
+        d_k = i_k * BK + tl.arange(0, BK)
+        x_i = tl.load(x + t[:, None] * (H * K) + d_k[None, :], mask=valid, other=0.0)
+        S = tl.load(h + d_k[:, None] * V + d_v[None, :])
+        O += _mm(x_i, S, x, DOT_PRECISION, EMULATE_BF16)
+
+    A_i = tl.load(A + (i_bh.to(tl.int64) * T + t[:, None]) * C + rows[None, :], mask=valid, other=0.0)
+    tile_v = t[:, None] * (H * V) + d_v[None, :]
+    y_i = tl.load(y + tile_v, mask=valid, other=0.0)
+    if TRANSPOSE_A:
+        A_i = tl.trans(A_i)
+    O = state_scale * O + score_scale * _mm(A_i, y_i, x, DOT_PRECISION, EMULATE_BF16)
+    _store_rounded(o, tile_v, O, valid, EMULATE_BF16)
 
 
 @triton.jit
@@ -269,90 +387,7 @@ def _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T,
 
 
 # ------------------------------------------------------------------------------------------------------
-# Kernel 2: steps 2-5, parallel over chunks (and, DV, step 7 of the backward).
-# ------------------------------------------------------------------------------------------------------
-@triton.autotune(
-    configs=_configs([(64, 4, 2), (128, 8, 2), (64, 8, 2)]),  # (BV, num_warps, num_stages)
-    key=["K", "V", "C", "DV"],
-    prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
-)
-@triton.jit
-def _chunk_output_kernel(
-    q, k, v, g, beta, h,  # q, k, g [B, T, H, K]; v [B, T, H, V]; β [B, T, H, K] fp32; h [B, H, NT, K, V] fp32
-    o,                    # output [B, T, H, V]
-    scale, T, NT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DV: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
-):
-    """O = scale · ((Q ⊙ e^{b}) S_[i] + A V) for one chunk and V tile (steps 2-5).
-    DV, called with (h, v, o) = (dS_[i+1] of kernel 1 REVERSE, dO, dv): the transposed problem of
-    step 7, dv = (K ⊙ e^{b_C − b}) dS' + scale · Aᵀ dO, with the same A."""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    rows = tl.arange(0, C)                        # query position r inside chunk i_c ...
-    cols = tl.arange(0, C)                        # ... and key position s
-    sub = rows // c                               # the sub-chunk of each row
-    t = i_c * C + rows
-    valid = t < T
-    d_v = i_v * BV + tl.arange(0, BV)
-
-    q, k, g, beta = (_head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K),
-                     _head(g, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K))
-    v, o = _head(v, i_b, i_h, T, H, V), _head(o, i_b, i_h, T, H, V)
-    h += (i_bh.to(tl.int64) * NT + i_c) * K * V   # S_[i_c]  (DV: dS_[i_c + 1])
-
-    O = tl.zeros([C, BV], dtype=tl.float32)       # O^inter, later + A V
-    A = tl.zeros([C, C], dtype=tl.float32)        # intra-chunk scores, lower triangular
-
-    for i_k in range(K // BK):                    # the sums over key channels d, one BK tile at a time
-        d_k = i_k * BK + tl.arange(0, BK)
-        tile_k = t[:, None] * (H * K) + d_k[None, :]
-        q_i = tl.load(q + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-        k_i = tl.load(k + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-        g_i = tl.load(g + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-        b_i = tl.cumsum(g_i, axis=0)
-        beta_i = tl.load(beta + tile_k, mask=valid[:, None], other=0.0)
-
-        S = tl.load(h + d_k[:, None] * V + d_v[None, :])
-        if DV:
-            # step 7, state part: dv += (K ⊙ e^{b_C − b}) dS'     exponent b_C − b ≤ 0 (summed from the end)
-            O += _mm(k_i * tl.exp(tl.cumsum(g_i, axis=0, reverse=True) - g_i), S, q, DOT_PRECISION, EMULATE_BF16)
-        else:
-            # step 2: O^inter += (Q ⊙ e^{b}) S_[i]                                     exponent b ≤ 0
-            O += _mm(q_i * tl.exp(b_i), S, q, DOT_PRECISION, EMULATE_BF16)
-
-        # step 3: off-diagonal sub-blocks.  For query sub-chunk I, one product covers all J < I:
-        #   A[I, :I·c] += (Q_I ⊙ e^{b_I − b_ref}) (K_{<I} ⊙ e^{b_ref − b_{<I}})ᵀ,  b_ref = b at I's first row
-        for I in range(1, C // c):
-            q_fac, k_fac = _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T, H, K, C, c)
-            A += _mm(q_i * q_fac, tl.trans(k_i * k_fac), q, DOT_PRECISION, EMULATE_BF16)
-
-        # step 4: diagonal sub-blocks, pairwise in fp32.  Iteration j fills column j of every diagonal
-        # sub-block at once: row r meets key s = (first row of r's sub-chunk) + j, kept when s ≤ r.
-        for j in range(c):
-            s = sub * c + j                                                      # [C]
-            tile_s = (i_c * C + s)[:, None] * (H * K) + d_k[None, :]
-            pair = ((s <= rows) & valid)[:, None]                                # (then s is valid too)
-            k_s = tl.load(k + tile_s, mask=pair, other=0.0).to(tl.float32)
-            beta_s = tl.load(beta + tile_s, mask=pair, other=0.0)
-            decay = tl.exp(tl.where(pair, beta_i - beta_s, 0.0))                 # masked before exp
-            A_rs = tl.sum(q_i * k_s * decay, axis=1)                             # [C]: A[r, s(r)]
-            A += tl.where(pair & (cols[None, :] == s[:, None]), A_rs[:, None], 0.0)
-
-    tile_v = t[:, None] * (H * V) + d_v[None, :]
-    v_i = tl.load(v + tile_v, mask=valid[:, None], other=0.0)
-    if DV:
-        # step 7: dv = (K ⊙ e^{b_C − b}) dS' + scale · Aᵀ dO
-        O += scale * _mm(tl.trans(A), v_i, q, DOT_PRECISION, EMULATE_BF16)
-    else:
-        # step 5: O = scale · (O^inter + A V)
-        O = scale * (O + _mm(A, v_i, q, DOT_PRECISION, EMULATE_BF16))
-    _store_rounded(o, tile_v, O, valid[:, None], EMULATE_BF16)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Kernel 3: steps 8-9, the gradients of q, k and g, parallel over chunks and key tiles.
+# Kernel 4: steps 8-9, the gradients of q, k and g, parallel over chunks and key tiles.
 # ------------------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=s)
@@ -519,57 +554,91 @@ def _key_tile(K, kernel="states"):
     return 16 if _INTERPRETED else min(32 if kernel == "grad" else 64, K)
 
 
-def _states(x, y, g, beta, h, first, last, *, scale, chunk_size, reverse):
-    """Kernel 1 over all chunks: forward (x, y = k, v) writes β, h[i] = S_[i] and last = S_[NT];
-    reverse (x, y = q, dO) writes h[i] = dS_[i+1] and last = dS_[0]."""
+def _operand_dtype(q):
+    """The dtype of matmul operands: the input dtype for bf16/fp16 inputs (tensor cores), else fp32.
+    A, the decayed operands and the forward's chunk states are stored in it: the tensor-core products
+    round them to it anyway."""
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _intra(q, k, g, chunk_size, *, store_beta):
+    """Kernel 1: A [B, H, T, C], Q ⊙ e^{b}, K ⊙ e^{b_C − b} (operand dtype), e^{b_C} [B, H, NT, K] and,
+    for the backward, β (fp32)."""
+    B, T, H, K = q.shape
+    NT = triton.cdiv(T, chunk_size)
+    dtype = _operand_dtype(q)
+    A = torch.empty(B, H, T, chunk_size, device=q.device, dtype=dtype)
+    q_dec, k_dec = torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
+    decay_C = torch.empty(B, H, NT, K, device=q.device, dtype=torch.float32)
+    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32) if store_beta else None
+    _chunk_intra_kernel[(NT * (chunk_size // SUB_CHUNK), B * H)](
+        q, k, g, A, q_dec, k_dec, decay_C, beta, T, NT,
+        H=H, K=K, C=chunk_size, c=SUB_CHUNK, BK=_key_tile(K), STORE_BETA=store_beta, **_launch_options(q),
+    )
+    return A, q_dec, k_dec, decay_C, beta
+
+
+def _states(x, y, decay_C, h, first, last, *, scale, chunk_size, reverse):
+    """Kernel 2 over all chunks: forward (x, y = K ⊙ e^{b_C − b}, V) writes h[i] = S_[i] and
+    last = S_[NT]; reverse (x, y = Q ⊙ e^{b}, dO) writes h[i] = dS_[i+1] and last = dS_[0]."""
     B, T, H, K = x.shape
-    V = y.shape[-1]
+    V, NT = y.shape[-1], h.shape[2]
     BK = _key_tile(K)
     _chunk_states_kernel[lambda meta: (K // BK, V // meta["BV"], B * H)](
-        x, y, g, beta, h, first, last, scale, T, h.shape[2],
-        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=BK, HAS_INITIAL_STATE=first is not None,
-        STORE_FINAL_STATE=last is not None, REVERSE=reverse, **_launch_options(x),
+        x, y, decay_C, h, first, last, scale, T, NT,
+        H=H, K=K, V=V, C=chunk_size, BK=BK,
+        HAS_INITIAL_STATE=first is not None, STORE_FINAL_STATE=last is not None, REVERSE=reverse,
+        **_launch_options(x),
+    )
+
+
+def _output(x, A, h, y, o, *, state_scale, score_scale, transpose_A):
+    """Kernel 3: o = state_scale · X S + score_scale · A Y (or Aᵀ Y), chunk by chunk."""
+    B, T, H, K = x.shape
+    V, C = y.shape[-1], A.shape[-1]
+    _chunk_output_kernel[lambda meta: (V // meta["BV"], h.shape[2], B * H)](
+        x, A, h, y, o, state_scale, score_scale, T, h.shape[2],
+        H=H, K=K, V=V, C=C, BK=_key_tile(K), TRANSPOSE_A=transpose_A, **_launch_options(x),
     )
 
 
 def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
-    """Launch kernel 1 (steps 0-1) then kernel 2 (steps 2-5); returns (o, final_state or None).
+    """Kernel 1 (steps 0, 3, 4), kernel 2 (step 1), kernel 3 (steps 2, 5); returns (o, final state or None).
 
-    HBM traffic: kernel 1 reads k, v, g and writes β (fp32) and the chunk states h (fp32, K·V per
-    chunk and head); kernel 2 reads q, k, v, g, β, h and writes o.  A never leaves the chip.
+    HBM traffic: kernel 1 reads q, k, g and writes A (C per token and head), the two decayed operands
+    and e^{b_C}; kernel 2 reads K ⊙ e^{b_C − b}, v, e^{b_C} and writes the chunk states h (K·V per
+    chunk and head); kernel 3 reads Q ⊙ e^{b}, h, A, v and writes o.  All but e^{b_C} are stored in
+    the operand dtype (bf16/fp16 for half inputs), the precision the tensor-core products read them in.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
-    h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
+    A, q_dec, k_dec, decay_C, _ = _intra(q, k, g, chunk_size, store_beta=False)
+    h = torch.empty(B, H, NT, K, V, device=q.device, dtype=_operand_dtype(q))
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    _states(k_dec, v, decay_C, h, h0, ht, scale=1.0, chunk_size=chunk_size, reverse=False)
     o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
-    _states(k, v, g, beta, h, h0, ht, scale=1.0, chunk_size=chunk_size, reverse=False)
-    _chunk_output_kernel[lambda meta: (V // meta["BV"], NT, B * H)](
-        q, k, v, g, beta, h, o, scale, T, NT,
-        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=_key_tile(K), DV=False, **_launch_options(q),
-    )
+    _output(q_dec, A, h, v, o, state_scale=scale, score_scale=scale, transpose_A=False)
     return o, ht
 
 
 def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
-    """Kernel 1 (recompute β and S_[i]), kernel 1 REVERSE (step 6: dS_[i+1] and dS_[0]), kernel 3
-    (steps 8-9: dq, dk, dg), kernel 2 DV (step 7: dv).  Returns dq, dk, dv (input dtype), dg (fp32),
-    d initial_state (fp32, or None).
+    """Kernel 1 (again, with β), kernel 2 (the states S_[i], fp32), kernel 2 REVERSE (step 6: dS_[i+1]
+    and dS_[0]), kernel 4 (steps 8-9: dq, dk, dg), kernel 3 transposed (step 7: dv).  Returns dq, dk,
+    dv (input dtype), dg (fp32), d initial_state (fp32, or None).
 
-    HBM traffic beyond the inputs: β, the states and their gradients (fp32, written once, read by
-    kernels 3 and 2); dA and A never leave the chip.
+    HBM traffic beyond the inputs: kernel 1's outputs, β, the states and their gradients (fp32, each
+    written once); dA never leaves the chip.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+    A, q_dec, k_dec, decay_C, beta = _intra(q, k, g, chunk_size, store_beta=True)
     h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(h0) if h0 is not None else None
-    _states(k, v, g, beta, h, h0, None, scale=1.0, chunk_size=chunk_size, reverse=False)
-    _states(q, do, g, beta, dh, dht, dh0, scale=scale, chunk_size=chunk_size, reverse=True)
+    _states(k_dec, v, decay_C, h, h0, None, scale=1.0, chunk_size=chunk_size, reverse=False)
+    _states(q_dec, do, decay_C, dh, dht, dh0, scale=scale, chunk_size=chunk_size, reverse=True)
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
@@ -579,16 +648,13 @@ def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
         H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=BK, BV=16 if _INTERPRETED else min(64, V),
         **_launch_options(q),
     )
-    _chunk_output_kernel[lambda meta: (V // meta["BV"], NT, B * H)](
-        q, k, do, g, beta, dh, dv, scale, T, NT,
-        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=_key_tile(K), DV=True, **_launch_options(q),
-    )
+    _output(k_dec, A, dh, do, dv, state_scale=1.0, score_scale=scale, transpose_A=True)
     return dq, dk, dv, dg, dh0
 
 
 class _GLAChunked(torch.autograd.Function):
-    """Forward: kernels 1 and 2.  Backward: kernel 1 twice (states, then their gradients), kernel 3
-    (dq, dk, dg) and kernel 2 in its DV mode (dv)."""
+    """Forward: kernels 1, 2 and 3.  Backward: kernel 1 twice (states, then their gradients), kernel 4
+    (dq, dk, dg), and kernels 2 and 3 in its DV mode (dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):
