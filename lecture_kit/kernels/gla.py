@@ -254,13 +254,15 @@ def _chunk_intra_kernel(
             A_I += _mm(q_I * q_fac, tl.trans(tl.where(before_I, k_i * k_fac, 0.0)), q,
                        DOT_PRECISION, EMULATE_BF16)
 
-        # step 4: the diagonal block, pairwise in fp32.  Iteration j is key s = I·c + j: row j of K_I
-        # and of β_I against the c query rows, kept when s ≤ r (masked before exp).
+        # step 4: the diagonal block, pairwise in fp32.  Iteration j is key s = I·c + j: its row of k
+        # and its β (the running sum of I's gates up to s) against the c query rows, kept when s ≤ r
+        # (masked before exp).  A key past T pairs with no valid row, so its index is clamped to T − 1.
+        beta_s = tl.zeros([BK], dtype=tl.float32)
         for j in range(c):
-            pair = (rows_I[:, None] >= j) & valid_I                                  # [c, 1]
-            k_s = tl.sum(tl.where(rows_I[:, None] == j, k_I, 0.0), axis=0)           # row j of K_I [BK]
-            beta_s = tl.sum(tl.where(rows_I[:, None] == j, beta_I, 0.0), axis=0)     # row j of β_I
-            decay = tl.exp(tl.where(pair, beta_I - beta_s[None, :], float("-inf")))
+            s_t = tl.minimum(i_c * C + I * c + j, T - 1)
+            k_s = tl.load(k + s_t * (H * K) + d_k).to(tl.float32)                  # [BK]
+            beta_s += tl.load(g + s_t * (H * K) + d_k).to(tl.float32)
+            decay = tl.exp(tl.where((rows_I[:, None] >= j) & valid_I, beta_I - beta_s[None, :], float("-inf")))
             A_rs = tl.sum(q_I * k_s[None, :] * decay, axis=1)                        # [c]: A[r, s]
             A_I += tl.where(rows[None, :] == I * c + j, A_rs[:, None], 0.0)
 
