@@ -4,9 +4,13 @@ recurrence ``lecture_kit.rwkv7.recurrent``, computed from the same rounded input
 Covered: bf16 / fp16 / fp32 inputs (w in fp32 or in the inputs' dtype); ragged lengths T = 1, 7, 50
 with chunk 16, and chunks 32 and 64; zero and non-zero initial states; the layer's weak gates
 w = −e^{−1/2}·σ(x) and strong unbounded gates w = −exp(x + 1) (down to about −20), plus extreme
-ones (−80 and 0); RWKV-7's a = −κ̂, b = κ̂ ∘ a_icl with ‖κ̂‖ = 1; gradients of every input against
-fp64 autograd of the recurrence; the ValueErrors for unsupported input.  On a CPU the kernels run
-through Triton's interpreter, so the sizes are small (B = H = 2, K, V ∈ {16, 32}).
+ones (−80 and 0); RWKV-7's a = −κ̂, b = κ̂ ∘ a_icl with ‖κ̂‖ = 1; the ValueErrors for unsupported
+input.  Gradients of every input (r, w, k, v, a, b, initial_state) against fp64 autograd of the
+recurrence, through the Triton backward (which must not call ``rwkv7.chunked``): every dtype and
+both gates at chunk 16, ragged T at chunks 32 and 64, through the final state alone, through the
+output alone, and without an initial state (strided r, w in bf16, a zero-stride dO from ``sum()``).
+On a CPU the kernels run through Triton's interpreter, so the sizes are small (B = H = 2 at most,
+K, V ∈ {16, 32}).
 
 Bounds: fp32 inputs use IEEE ``tl.dot`` → "fp32" (1e-5).  bf16/fp16 inputs → "half" for outputs,
 "half_grad" for gradients; their fp32 final state is held to "tf32", the accuracy of the TF32
@@ -17,6 +21,7 @@ import torch
 
 import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads when there is no GPU)
 from lecture_kit import rwkv7
+from lecture_kit.bench import calls_to
 from lecture_kit.kernels.rwkv7 import rwkv7_chunked
 from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
 
@@ -109,27 +114,93 @@ def test_extreme_gates(fill):
     assert_close("final state", S, ref_S, "fp32")
 
 
+def check_gradients(args, initial_state, *, dtype, use_output=True, use_final_state=True, chunk_size=16,
+                    seed=8):
+    """Gradients of L = ⟨dO, o⟩ + ⟨dS, S_T⟩ (either term may be left out) with respect to every input
+    (initial_state too, when given), by the kernel and by fp64 autograd of the recurrence."""
+    inputs = [x.clone().requires_grad_() for x in args]
+    if initial_state is not None:
+        inputs.append(initial_state.clone().requires_grad_())
+    with calls_to(rwkv7, "chunked") as chunked_calls:
+        o, S = rwkv7_chunked(*inputs[:6], initial_state=inputs[6] if initial_state is not None else None,
+                             scale=SCALE, output_final_state=use_final_state, chunk_size=chunk_size)
+        g = torch.Generator().manual_seed(seed)
+        do = torch.randn(o.shape, generator=g).to(device=DEVICE, dtype=o.dtype)
+        dS = torch.randn(o.shape[0], o.shape[2], args[0].shape[-1], o.shape[-1], generator=g).to(device=DEVICE)
+        outs, seeds = [], []
+        if use_output:
+            outs, seeds = outs + [o], seeds + [do]
+        if use_final_state:
+            outs, seeds = outs + [S], seeds + [dS]
+        grads = torch.autograd.grad(outs, inputs, seeds)
+    assert not chunked_calls, "the backward pass went through rwkv7.chunked"
+
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref_o, ref_S = rwkv7.recurrent(*ref_inputs[:6], initial_state=ref_inputs[6] if initial_state is not None else None,
+                                   scale=SCALE, output_final_state=True)
+    ref_outs = ([ref_o] if use_output else []) + ([ref_S] if use_final_state else [])
+    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [x.double() for x in seeds], allow_unused=True)
+    bounds = "fp32" if dtype == torch.float32 else "half_grad"
+    for name, x, gx, ref_gx in zip(["r", "w", "k", "v", "a", "b", "initial_state"], inputs, grads, ref_grads):
+        assert gx.dtype == x.dtype, name
+        if ref_gx is None:                   # r does not reach the final state: its gradient is zero
+            assert not gx.any(), f"d{name} should be zero"
+        else:
+            assert_close(f"d{name}", gx, ref_gx, bounds)
+
+
 @pytest.mark.parametrize("gate", ["weak", "strong"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_gradients_match_fp64_autograd(dtype, gate):
     dtype = DTYPES[dtype]
     args, kw = random_inputs("rwkv7", **SIZES, length=23, gate=gate, dtype=dtype, initial_state=True, seed=7,
                              device=DEVICE)
-    inputs = [x.clone().requires_grad_() for x in (*args, kw["initial_state"])]
-    o, S = rwkv7_chunked(*inputs[:6], initial_state=inputs[6], scale=SCALE, output_final_state=True)
-    g = torch.Generator().manual_seed(8)
-    do = torch.randn(o.shape, generator=g).to(device=DEVICE, dtype=o.dtype)
-    dS = torch.randn(S.shape, generator=g).to(device=DEVICE)
-    grads = torch.autograd.grad((o, S), inputs, (do, dS))
+    check_gradients(args, kw["initial_state"], dtype=dtype)
 
+
+@pytest.mark.parametrize("chunk_size,T,K,V,gate", [(32, 45, 16, 32, "strong"), (64, 70, 16, 16, "weak")])
+def test_gradients_other_chunk_sizes(chunk_size, T, K, V, gate):
+    """Ragged last chunks at chunk sizes 32 and 64 (T = 45 = 32 + 13, T = 70 = 64 + 6)."""
+    args, kw = random_inputs("rwkv7", batch=1, heads=2, key_dim=K, value_dim=V, length=T, gate=gate,
+                             dtype=torch.float32, initial_state=True, seed=9, device=DEVICE)
+    check_gradients(args, kw["initial_state"], dtype=torch.float32, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("gate", ["weak", "strong"])
+def test_gradients_through_the_final_state_only(gate):
+    """o unused (its gradient arrives as None): every gradient, d initial_state included, flows from
+    dS_T back through all three chunks of T = 37.  With strong gates d initial_state is ~1e-24, a
+    product of three chunk transitions, and sensitive to how the decays' exponents are formed: with
+    Γ_C − Γ taken as a difference of two cumsums instead of a window sum (kernel module docstring),
+    it misses the fp32 bound."""
+    args, kw = random_inputs("rwkv7", batch=1, heads=2, key_dim=16, value_dim=16, length=37, gate=gate,
+                             dtype=torch.float32, initial_state=True, seed=0, device=DEVICE)
+    check_gradients(args, kw["initial_state"], dtype=torch.float32, use_output=False, seed=100)
+
+
+def test_gradients_through_the_output_only():
+    """output_final_state=False: the state gradient starts from zero after the last chunk."""
+    args, kw = random_inputs("rwkv7", batch=1, heads=2, key_dim=32, value_dim=16, length=37, gate="strong",
+                             dtype=torch.bfloat16, initial_state=True, seed=10, device=DEVICE)
+    check_gradients(args, kw["initial_state"], dtype=torch.bfloat16, use_final_state=False)
+
+
+def test_gradients_without_initial_state_strided_inputs_and_sum():
+    """No initial state, r strided in memory, w rounded to bf16 (so dw is bf16), and the loss o.sum(),
+    whose gradient reaches the kernel as a zero-stride (expanded) tensor."""
+    args, _ = random_inputs("rwkv7", batch=1, heads=2, key_dim=16, value_dim=16, length=20, gate="strong",
+                            dtype=torch.bfloat16, seed=11, device=DEVICE)
+    args = list(args)
+    args[0] = args[0].transpose(1, 2).contiguous().transpose(1, 2)
+    args[1] = args[1].to(torch.bfloat16)
+    inputs = [x.clone().requires_grad_() for x in args]
+    o, _ = rwkv7_chunked(*inputs, scale=SCALE)
+    grads = torch.autograd.grad(o.sum(), inputs)                      # dO = ones, expanded (strides 0)
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    ref_o, ref_S = rwkv7.recurrent(*ref_inputs[:6], initial_state=ref_inputs[6], scale=SCALE,
-                                   output_final_state=True)
-    ref_grads = torch.autograd.grad((ref_o, ref_S), ref_inputs, (do.double(), dS.double()))
-    bounds = "fp32" if dtype == torch.float32 else "half_grad"
-    for name, x, gx, ref_gx in zip(["r", "w", "k", "v", "a", "b", "initial_state"], inputs, grads, ref_grads):
+    ref_grads = torch.autograd.grad(rwkv7.recurrent(*ref_inputs, scale=SCALE)[0].sum(), ref_inputs)
+    for name, x, gx, ref_gx in zip(["r", "w", "k", "v", "a", "b"], inputs, grads, ref_grads):
         assert gx.dtype == x.dtype, name
-        assert_close(f"d{name}", gx, ref_gx, bounds)
+        assert_close(f"d{name}", gx, ref_gx, "half_grad")
 
 
 def test_unsupported_input_raises_value_error():
