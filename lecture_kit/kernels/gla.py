@@ -655,8 +655,8 @@ def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
 
 
 class _GLAChunked(torch.autograd.Function):
-    """Forward: kernels 1, 2 and 3.  Backward: kernel 1 twice (states, then their gradients), kernel 4
-    (dq, dk, dg), and kernels 2 and 3 in its DV mode (dv)."""
+    """Forward: kernels 1, 2 and 3.  Backward: kernel 1 (with β), kernel 2 twice (the states, then
+    their gradients), kernel 4 (dq, dk, dg) and kernel 3 transposed (dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):

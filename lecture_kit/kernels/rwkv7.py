@@ -24,12 +24,20 @@ and then, sequentially over chunks, with S₀ the state entering the chunk:
     O = A^{qk} V + A^{qb} 𝒱 + (r ⊙ e^{Γ}) S₀          (times scale)
     S ← e^{Γ_C} ⊙ S₀ + (k ⊙ e^{Γ_C−Γ})ᵀ V + (b ⊙ e^{Γ_C−Γ})ᵀ 𝒱
 
-Numerics (math.md §4.4, §7).  Every exponent is ≤ 0 and the causal mask is applied *before* ``exp``
-(masked exponents are set to −∞), so the kernel is correct for any w ≤ 0, strong gates included
-(w = −5 and beyond): no bound on |w| is assumed and no factorisation e^{x_i}·e^{−x_j} is used.  The
-four intra-chunk matrices are therefore computed pairwise on CUDA cores in fp32 (for C = 16 that is
-2·C·K exponentials per row, cheap next to the memory traffic).  Cumulative sums, the solve, U, W,
-the state and all accumulation are fp32; intermediates are stored in fp32.
+Numerics (math.md §4.4, §7).  No bound on |w| is assumed: the kernel is correct for any w ≤ 0,
+strong gates included (w = −5 and beyond).  The four intra-chunk matrices take one of two routes,
+chosen per chunk and K slice (in slices of BK = 16 channels at C = 16):
+
+* mild gates, every chunk-long log decay Γ of the slice within [−16, 0] (``FACTORED_SPAN``; the RWKV-7
+  layer's decays, w ≥ −e^{−1/2}, keep |Γ_C| ≤ 9.7 at C = 16): e^{Γ_i − Γ_j} = e^{Γ_i}·e^{−Γ_j}, both
+  factors normal fp32 numbers within e^{±16}, so each matrix is one tensor-core product of decayed
+  operands (r ⊙ e^{Γ}, k ⊙ e^{−Γ}, …), masked to j ≤ i (j < i) after the product;
+* otherwise (and always at C = 32, 64, where the slices are narrower than a tensor-core tile),
+  pairwise on CUDA cores in fp32: every exponent ≤ 0 and masked to −∞ *before* ``exp``, 2·C·K
+  exponentials per row.
+
+Cumulative sums, the solve, U, W, the state and all accumulation are fp32; intermediates are stored
+in fp32.
 
 Window sums.  Each exponent is the sum of its own window of w, never a difference of two chunk-long
 cumsums: Γ_i − Γ_j = w_{j+1} + … + w_i and Γ⁻_i − Γ_j = w_{j+1} + … + w_{i−1} by a cumsum down a
@@ -172,6 +180,34 @@ def _load_w_shifted(w, x_off, i, t, T, shift: tl.constexpr, H: tl.constexpr, K: 
 
 
 @triton.jit
+def _factored_scores(r_c, k_c, a_c, b_c, G, w_prev, ii, jj, DOT_PRECISION: tl.constexpr):
+    """One K slice's share of A^{qk}, A^{qb}, A^{ak}, A^{ab} [C, C] for mild gates: products of
+    r ⊙ e^{Γ}, a ⊙ e^{Γ⁻} with k ⊙ e^{−Γ}, b ⊙ e^{−Γ} (Γ⁻ the exclusive window sum), then masked."""
+    r_in, a_in = r_c * tl.exp(G), a_c * tl.exp(tl.cumsum(w_prev, axis=0))
+    k_out, b_out = k_c * tl.exp(-G), b_c * tl.exp(-G)
+    return (tl.where(ii >= jj, tl.dot(r_in, tl.trans(k_out), input_precision=DOT_PRECISION), 0.0),
+            tl.where(ii >= jj, tl.dot(r_in, tl.trans(b_out), input_precision=DOT_PRECISION), 0.0),
+            tl.where(ii > jj, tl.dot(a_in, tl.trans(k_out), input_precision=DOT_PRECISION), 0.0),
+            tl.where(ii > jj, tl.dot(a_in, tl.trans(b_out), input_precision=DOT_PRECISION), 0.0))
+
+
+@triton.jit
+def _pairwise_scores(r_c, k_c, a_c, b_c, w_c, w_prev, ii, jj):
+    """The same four shares for any gates, in fp32 on [C, C, BK] tensors: e^{Γ_i − Γ_j} (j ≤ i) and
+    e^{Γ⁻_i − Γ_j} (j < i), each exponent the window sum w_{j+1} + … + w_i (or + … + w_{i−1}), a
+    cumsum down axis 0 of the w's after j, masked to −∞ outside the window before exp."""
+    incl, strict = (jj <= ii)[:, :, None], (jj < ii)[:, :, None]
+    seg_incl = tl.cumsum(tl.where(strict, w_c[:, None, :], 0.0), axis=0)                     # w_{j+1} + … + w_i
+    seg_strict = tl.cumsum(tl.where((jj + 1 < ii)[:, :, None], w_prev[:, None, :], 0.0), axis=0)   # … + w_{i−1}
+    E_incl = tl.exp(tl.where(incl, seg_incl, float("-inf")))                                # [C, C, BK]
+    E_strict = tl.exp(tl.where(strict, seg_strict, float("-inf")))
+    return (tl.sum(r_c[:, None, :] * k_c[None, :, :] * E_incl, axis=2),
+            tl.sum(r_c[:, None, :] * b_c[None, :, :] * E_incl, axis=2),
+            tl.sum(a_c[:, None, :] * k_c[None, :, :] * E_strict, axis=2),
+            tl.sum(a_c[:, None, :] * b_c[None, :, :] * E_strict, axis=2))
+
+
+@triton.jit
 def _rwkv7_chunk_intra_kernel(
     r, w, k, v, a, b,                      # inputs, [B, T, H, K] (v: [B, T, H, V]), contiguous
     A_qk, A_qb, U, W,                      # outputs: [B, H, T, C], [B, H, T, C], [B, H, T, V], [B, H, T, K]
@@ -192,8 +228,6 @@ def _rwkv7_chunk_intra_kernel(
     row_ok = (t < T)[:, None]              # rows past T (short last chunk) are masked
     ii = i[:, None]                        # [C, 1]   (row i)
     jj = i[None, :]                        # [1, C]   (column j)
-    incl = (jj <= ii)[:, :, None]          # [C, C, 1]  j ≤ i
-    strict = (jj < ii)[:, :, None]         # [C, C, 1]  j < i
 
     # element (t, d) of head (b, h) in a [B, T, H, D] input sits at (b·T·H + h)·D + t·H·D + d
     x_base = (i_b * T * H + i_h) * K
@@ -222,28 +256,22 @@ def _rwkv7_chunk_intra_kernel(
         G_C = tl.sum(tl.where(ii == C - 1, G, 0.0), axis=0)                # Γ_C      [BK]
         to_end = tl.cumsum(w_next, axis=0, reverse=True)                   # Γ_C − Γ_i = w_{i+1} + … + w_C
 
-        if tl.min(G_C) >= -FACTORED_SPAN:
-            # The slice's gates are mild (every Γ in [−FACTORED_SPAN, 0], RWKV-7's layer stays within
-            # 16·e^{−1/2} ≈ 9.7): e^{Γ_i − Γ_j} = e^{Γ_i}·e^{−Γ_j} with both factors normal fp32 numbers
-            # in [e^{−span}, e^{span}], so the four matrices are tensor-core products of decayed
-            # operands, masked after the product.  Γ⁻ is the exclusive window sum w_1 + … + w_{i−1}.
-            r_in, a_in = r_c * tl.exp(G), a_c * tl.exp(tl.cumsum(w_prev, axis=0))
-            k_out, b_out = k_c * tl.exp(-G), b_c * tl.exp(-G)
-            A_qk_acc += tl.where(ii >= jj, tl.dot(r_in, tl.trans(k_out), input_precision=DOT_PRECISION), 0.0)
-            A_qb_acc += tl.where(ii >= jj, tl.dot(r_in, tl.trans(b_out), input_precision=DOT_PRECISION), 0.0)
-            A_ak_acc += tl.where(ii > jj, tl.dot(a_in, tl.trans(k_out), input_precision=DOT_PRECISION), 0.0)
-            A_ab_acc += tl.where(ii > jj, tl.dot(a_in, tl.trans(b_out), input_precision=DOT_PRECISION), 0.0)
+        # The four matrices of this K slice.  Mild gates (every Γ of the slice in [−FACTORED_SPAN, 0];
+        # RWKV-7's layer stays within 16·e^{−1/2} ≈ 9.7): e^{Γ_i − Γ_j} = e^{Γ_i}·e^{−Γ_j} with both
+        # factors normal fp32 numbers in [e^{−span}, e^{span}], so they are tensor-core products of
+        # decayed operands, masked after the product.  Strong gates: pairwise decays, each exponent
+        # the sum of its own window of w, masked before exp.  (tl.dot needs BK ≥ 16, i.e. C = 16.)
+        if BK >= 16:
+            if tl.min(G_C) >= -FACTORED_SPAN:
+                d_qk, d_qb, d_ak, d_ab = _factored_scores(r_c, k_c, a_c, b_c, G, w_prev, ii, jj, DOT_PRECISION)
+            else:
+                d_qk, d_qb, d_ak, d_ab = _pairwise_scores(r_c, k_c, a_c, b_c, w_c, w_prev, ii, jj)
         else:
-            # Strong gates: pairwise decays e^{Γ_i − Γ_j} (j ≤ i) and e^{Γ⁻_i − Γ_j} (j < i), each exponent
-            # the sum of its own window of w (a cumsum down axis 0 of the w's after j), masked, then exp.
-            seg_incl = tl.cumsum(tl.where(strict, w_c[:, None, :], 0.0), axis=0)                 # w_{j+1} + … + w_i
-            seg_strict = tl.cumsum(tl.where((jj + 1 < ii)[:, :, None], w_prev[:, None, :], 0.0), axis=0)
-            E_incl = tl.exp(tl.where(incl, seg_incl, float("-inf")))                            # [C, C, BK]
-            E_strict = tl.exp(tl.where(strict, seg_strict, float("-inf")))
-            A_qk_acc += tl.sum(r_c[:, None, :] * k_c[None, :, :] * E_incl, axis=2)
-            A_qb_acc += tl.sum(r_c[:, None, :] * b_c[None, :, :] * E_incl, axis=2)
-            A_ak_acc += tl.sum(a_c[:, None, :] * k_c[None, :, :] * E_strict, axis=2)
-            A_ab_acc += tl.sum(a_c[:, None, :] * b_c[None, :, :] * E_strict, axis=2)
+            d_qk, d_qb, d_ak, d_ab = _pairwise_scores(r_c, k_c, a_c, b_c, w_c, w_prev, ii, jj)
+        A_qk_acc += d_qk
+        A_qb_acc += d_qb
+        A_ak_acc += d_ak
+        A_ab_acc += d_ab
 
         # decayed operands of the sequential phase (exponents ≤ 0)
         out_off = out_rows[:, None] * K + d[None, :]
