@@ -131,8 +131,9 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------------------
-# Tiles.  BK = min(64, K) is fixed on the host (32 in the gradient kernel, which holds dA and more
-# tiles at once); BV, num_warps and num_stages are chosen by timing a few configurations on the first
+# Tiles.  BK = min(64, K) is fixed on the host for kernels 2 and 3 (32 in the gradient kernel, which
+# holds dA and more tiles at once; kernel 1 autotunes it); BV, num_warps and num_stages are chosen by
+# timing a few configurations on the first
 # call for each (K, V, C, dtypes) on a GPU (its cost is part of the first call's compile time).  Under
 # the CPU interpreter exactly one configuration runs, with BK = BV = 16, which fits every K and V and
 # makes the small test sizes exercise the tiling over K and V.  Compiled offline for sm_90 (Triton 3.9,
@@ -189,10 +190,20 @@ def _head(ptr, i_b, i_h, T, H: tl.constexpr, D: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------
 # Kernel 1: everything inside one chunk (steps 0, 3, 4 and the decayed operands), one sub-chunk per program.
 # ------------------------------------------------------------------------------------------------------
+def _key_tiles_that_fit(configs, named_args, **kwargs):
+    """Drop configurations whose key tile BK is wider than K (BK = 16 always fits: K ≥ 16)."""
+    K = {**named_args, **kwargs}["K"]
+    return [cfg for cfg in configs if cfg.kwargs["BK"] <= K]
+
+
+# Kernel 1 holds [C, BK] tiles of the whole chunk for step 3: compiled offline for sm_90 (Triton 3.9,
+# bf16, K = 128, C = 64) BK = 64 needs 255 registers and spills at 2 to 4 warps; BK = 32 at 8 warps
+# needs 101, BK = 16 at 4 warps 115, at 8 warps 80, none spilling.  (BK, num_warps) are autotuned.
 @triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=s)
-             for w, s in ([(4, 1)] if _INTERPRETED else [(2, 1), (4, 1), (4, 2)])],
+    configs=[triton.Config({"BK": bk}, num_warps=w, num_stages=1)
+             for bk, w in ([(16, 4)] if _INTERPRETED else [(32, 8), (16, 4), (16, 8)])],
     key=["K", "C", "STORE_BETA"],
+    prune_configs_by={"early_config_prune": _key_tiles_that_fit},
 )
 @triton.jit
 def _chunk_intra_kernel(
@@ -575,7 +586,7 @@ def _intra(q, k, g, chunk_size, *, store_beta):
     beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32) if store_beta else None
     _chunk_intra_kernel[(NT * (chunk_size // SUB_CHUNK), B * H)](
         q, k, g, A, q_dec, k_dec, decay_C, beta, T, NT,
-        H=H, K=K, C=chunk_size, c=SUB_CHUNK, BK=_key_tile(K), STORE_BETA=store_beta, **_launch_options(q),
+        H=H, K=K, C=chunk_size, c=SUB_CHUNK, STORE_BETA=store_beta, **_launch_options(q),
     )
     return A, q_dec, k_dec, decay_C, beta
 

@@ -752,17 +752,17 @@ def _backward_triton(r, w, k, v, a, b, scale, S_init, do, dS_final, C):
     del chunk                                            # phase 1's scratch is not needed any more
 
     # dr, dw, dk, da, db, all chunks in parallel.  A program holds four [C, C] score gradients, about
-    # twelve [C, BK] tiles and a few [C, PAIRS, BK] pair products.  Estimated (not a compiled count),
-    # per thread: C = 16, BK = 32, 4 warps: 48 registers for the tiles, 16 per pair product; C = 32,
-    # BK = 32, 8 warps: the same; C = 64 (K ≤ 64), BK = 16, 8 warps: 48 + 64 for the four [C, C].
-    # Interpreter: BK = BV = 16, so that the small test sizes exercise the tiling over K and V.
+    # twelve [C, BK] tiles and a few [C, PAIRS, BK] pair products.  Compiled offline for sm_90 (Triton
+    # 3.9, bf16, K = V = 64): at C = 16, BK = 32 with 4 warps spills (255 registers and 392 bytes of
+    # stack), with 8 warps it fits (254, no stack); C = 32 and 64 still spill at 8 warps (832 and 1080
+    # bytes).  Interpreter: BK = BV = 16, so that the small test sizes exercise the tiling over K and V.
     dr, dw, dk, da, db = (torch.empty_like(x) for x in (r, w, k, a, b))
     BK, BV = (16, 16) if _INTERPRETED else (min(K, 32 if C <= 32 else 16), min(V, 32))
     pairs = min(C, 2048 // (C * BK))          # the [C, PAIRS, BK] pair products: ≤ 2048 elements
     _rwkv7_chunk_grad_kernel[(K // BK, NT, B * H)](
         r, w, k, v, a, b, do, h, dh, pseudo, Y, dr, dw, dk, da, db, T, NT, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, PAIRS=pairs, DOT_PRECISION=_dot_precision(v),
-        num_warps=4 if C == 16 else 8, num_stages=1,
+        num_warps=8, num_stages=1,
     )
     return dr, dw, dk, dv, da, db, dS_init
 

@@ -1,0 +1,99 @@
+"""Registers, spills and shared memory of the project's Triton kernels on sm_90, without a GPU.
+
+    python tools/register_report.py            # every preset below
+    python tools/register_report.py gla        # the presets whose name starts with "gla"
+
+Triton compiles a kernel for a target it is given (here Hopper, sm_90) on any machine: its bundled
+ptxas assembles the cubin and ``cuobjdump -res-usage`` reads what one thread of the kernel needs.
+A kernel at 255 registers with a non-zero STACK spills to local memory, and a program that needs
+many registers leaves few warps per SM to hide memory latency: both show up as slow kernels on the
+GPU, and both can be seen here first.  The presets are the bf16 shapes of
+``benchmarks/bench_kernels.py`` (GLA H16 K=V=128, chunk 64; RWKV-7 H32 K=V=64, chunk 16) with the
+tiles the host code launches; the numbers quoted in the kernels' comments come from this script.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)          # compile for real, even on a machine without CUDA
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lecture_kit", "kernels")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 1) -> str:
+    """'REG:n STACK:m SHARED:s' of one compiled specialisation (autotuned kernels: the given config)."""
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    source = ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in constexprs}},
+                       constexprs=constexprs)
+    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    fields = next(line for line in usage.splitlines() if "REG:" in line).split()
+    return f"{fields[0]} {fields[1]} SHARED:{compiled.metadata.shared}"
+
+
+def kernel_module(name):
+    """lecture_kit/kernels/<name>.py loaded on its own: importing the package would set
+    TRITON_INTERPRET=1 on a machine without CUDA, and the kernels would not compile."""
+    spec = importlib.util.spec_from_file_location(f"kernels_{name}", os.path.join(KERNELS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def presets():
+    """(name, kernel, signature, constexprs, num_warps, num_stages) for the benchmark shapes."""
+    gla, rwkv7 = kernel_module("gla"), kernel_module("rwkv7")
+    f32, bf16 = "*fp32", "*bf16"
+    half = dict(DOT_PRECISION="tf32", EMULATE_BF16=False)
+    intra = dict(q=bf16, k=bf16, g=f32, A=bf16, q_dec=bf16, k_dec=bf16, decay_C=f32, beta=f32, T="i32", NT="i32")
+    for bk, warps in ((64, 2), (64, 4), (32, 8), (16, 4), (16, 8)):         # BK = 64: the tile before 12-01
+        yield (f"gla intra BK={bk}", gla._chunk_intra_kernel, intra,
+               dict(H=16, K=128, C=64, c=16, BK=bk, STORE_BETA=False, **half), warps, 1)
+    states = dict(x=bf16, y=bf16, decay_C=f32, h=bf16, h0=f32, ht=f32, scale="fp32", T="i32", NT="i32")
+    yield ("gla states BV=64", gla._chunk_states_kernel, states,
+           dict(H=16, K=128, V=128, C=64, BK=64, BV=64, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=False,
+                REVERSE=False, **half), 4, 3)
+    output = dict(x=bf16, A=bf16, h=bf16, y=bf16, o=bf16, state_scale="fp32", score_scale="fp32", T="i32", NT="i32")
+    yield ("gla output BV=128", gla._chunk_output_kernel, output,
+           dict(H=16, K=128, V=128, C=64, BK=64, BV=128, TRANSPOSE_A=False, **half), 4, 3)
+    grad = dict(q=bf16, k=bf16, v=bf16, g=f32, beta=f32, h=f32, dh=f32, do=bf16, dq=bf16, dk=bf16, dg=f32,
+                scale="fp32", T="i32", NT="i32")
+    yield ("gla grad BK=32", gla._chunk_grad_kernel, grad,
+           dict(H=16, K=128, V=128, C=64, c=16, BK=32, BV=64, **half), 8, 1)
+
+    phase1 = {name: bf16 for name in ("r", "w", "k", "v", "a", "b")}
+    phase1.update({name: f32 for name in ("A_qk", "A_qb", "U", "W", "r_dec", "k_dec", "b_dec", "g_last",
+                                          "A_ak", "T_solve")}, T="i32", NT="i32")
+    yield ("rwkv7 phase1", rwkv7._rwkv7_chunk_intra_kernel, phase1,
+           dict(H=32, K=64, V=64, C=16, BK=16, BKW=64, BV=64, DOT_PRECISION="tf32", FOR_BACKWARD=False,
+                FACTORED_SPAN=rwkv7.FACTORED_SPAN), 4, 1)
+    grad = {name: bf16 for name in ("r", "w", "k", "v", "a", "b", "do", "dr", "dw", "dk", "da", "db")}
+    grad.update({name: f32 for name in ("h", "dh", "pseudo", "Y")}, T="i32", NT="i32", scale="fp32")
+    for C, bk, pairs, warps in ((16, 32, 4, 4), (16, 32, 4, 8), (32, 32, 2, 8), (64, 16, 2, 8)):
+        yield (f"rwkv7 grad C={C} BK={bk}", rwkv7._rwkv7_chunk_grad_kernel, grad,
+               dict(H=32, K=64, V=64, C=C, BK=bk, BV=32, PAIRS=pairs, DOT_PRECISION="tf32"), warps, 1)
+
+
+def main():
+    prefix = sys.argv[1] if len(sys.argv) > 1 else ""
+    for name, kernel, signature, constexprs, warps, stages in presets():
+        if name.startswith(prefix):
+            usage = resource_usage(kernel, signature, constexprs, warps, stages)
+            print(f"{name:<28} {warps} warps, {stages} stages: {usage}")
+
+
+if __name__ == "__main__":
+    main()
