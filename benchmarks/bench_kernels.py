@@ -255,14 +255,20 @@ def save(path, meta, records):
 
 
 def merge(paths, out):
-    """One results file from several runs (a GPU lease may end between them).  Each record keeps
-    the index of its run in ``runs``; ratios are only taken within one run."""
+    """One results file from several (a GPU lease may end between runs).  Each input is one run
+    (``{"meta", "records"}``, as ``main`` writes it) or an earlier merge (``{"runs", "records"}``);
+    every record keeps the index of its run in ``runs``, and ratios are only taken within one run."""
     runs, records = [], []
-    for i, path in enumerate(paths):
+    for path in paths:
         with open(path) as f:
             data = json.load(f)
-        runs.append(data["meta"])
-        records += [r | {"run": i} for r in data["records"]]
+        if "runs" in data:
+            offset = len(runs)
+            runs += data["runs"]
+            records += [r | {"run": r["run"] + offset} for r in data["records"]]
+        else:
+            records += [r | {"run": len(runs)} for r in data["records"]]
+            runs.append(data["meta"])
     with open(out, "w") as f:
         json.dump({"runs": runs, "records": records}, f, indent=1)
     print_table(records)

@@ -175,3 +175,27 @@ def test_plot_ladder_draws_live_and_recorded_timings(record):
     assert axes[0].get_title() == "here" and axes[1].get_title().startswith("recorded: NVIDIA H")
     assert axes[0].get_xscale() == axes[1].get_yscale() == "log"
     assert bench.FORMS == ("recurrent", "parallel", "chunked", "kernel")
+
+
+def test_merge_takes_single_runs_and_earlier_merges(tmp_path, capsys):
+    """benchmarks/bench_kernels.py --merge: run indices are re-based so each record keeps its own run."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks/bench_kernels.py")
+    bench_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kernels)
+
+    def rec(impl, ms, **extra):
+        return dict(mixer="gla", impl=impl, mode="fwd", B=2, T=8192, ms=ms, p20=ms, p80=ms, GBps=1.0,
+                    frac_of_copy=0.1, first_call_s=1.0, **extra)
+
+    earlier = {"runs": [{"date": "a"}, {"date": "b"}],
+               "records": [rec("fla chunk_gla", 1.0, run=0), rec("lecture_kit kernel", 2.0, run=1)]}
+    single = {"meta": {"date": "c"}, "records": [rec("lecture_kit kernel", 3.0)]}
+    paths = [tmp_path / "earlier.json", tmp_path / "single.json"]
+    for path, data in zip(paths, (earlier, single)):
+        path.write_text(json.dumps(data))
+    bench_kernels.merge([str(p) for p in paths], str(tmp_path / "out.json"))
+    merged = json.loads((tmp_path / "out.json").read_text())
+    assert [r["date"] for r in merged["runs"]] == ["a", "b", "c"]
+    assert [(r["ms"], r["run"]) for r in merged["records"]] == [(1.0, 0), (2.0, 1), (3.0, 2)]
+    capsys.readouterr()
