@@ -331,6 +331,41 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _walk_tiles(i_v, i_bh, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                BV: tl.constexpr):
+    """The index tiles of a walk program (V-slice i_v of head i_bh, forward or reverse): rows i of a
+    chunk, the whole key dimension d, this program's value channels e, the offsets of its [K, BV]
+    state tile, and where its head starts in a [B, T, H, V] tensor."""
+    i = tl.arange(0, C)
+    d = tl.arange(0, K)
+    e = i_v * BV + tl.arange(0, BV)
+    state_off = i_bh * K * V + d[:, None] * V + e[None, :]
+    return i, d, e, state_off, ((i_bh // H) * T * H + i_bh % H) * V
+
+
+@triton.jit
+def _state_or_zero(ptr, state_off, GIVEN: tl.constexpr, K: tl.constexpr, BV: tl.constexpr):
+    """A walk's starting [K, BV] tile (fp32): loaded if GIVEN, else zero."""
+    if GIVEN:
+        return tl.load(ptr + state_off)
+    else:
+        return tl.zeros([K, BV], dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_operands(W, r_dec, k_dec, b_dec, g_last, A_qk, A_qb, rows, row_ok, i, d, chunk,
+                    K: tl.constexpr, C: tl.constexpr):
+    """What phase 1 stored for one chunk and both walks read: W, r ⊙ e^{Γ}, k ⊙ e^{Γ_C−Γ},
+    b ⊙ e^{Γ_C−Γ} [C, K], e^{Γ_C} [K] (chunk = its index among all chunks), A^{qk}, A^{qb} [C, C]."""
+    K_off = rows[:, None] * K + d[None, :]
+    A_off = rows[:, None] * C + i[None, :]
+    return (tl.load(W + K_off, mask=row_ok, other=0.0), tl.load(r_dec + K_off, mask=row_ok, other=0.0),
+            tl.load(k_dec + K_off, mask=row_ok, other=0.0), tl.load(b_dec + K_off, mask=row_ok, other=0.0),
+            tl.load(g_last + chunk * K + d),
+            tl.load(A_qk + A_off, mask=row_ok, other=0.0), tl.load(A_qb + A_off, mask=row_ok, other=0.0))
+
+
+@triton.jit
 def _rwkv7_chunk_scan_kernel(
     v, A_qk, A_qb, U, W, r_dec, k_dec, b_dec, g_last,      # phase-1 outputs and the values
     o, S_init, S_final,                                    # o: [B, T, H, V]; states: [B, H, K, V] fp32
@@ -342,33 +377,15 @@ def _rwkv7_chunk_scan_kernel(
 ):
     i_v = tl.program_id(0)                 # which V-slice of the state
     i_bh = tl.program_id(1).to(tl.int64)   # which (batch, head)
-    i_b = i_bh // H
-    i_h = i_bh % H
-
-    i = tl.arange(0, C)
-    d = tl.arange(0, K)                    # the whole key dimension
-    e = i_v * BV + tl.arange(0, BV)        # this program's slice of the value dimension
-    state_off = i_bh * K * V + d[:, None] * V + e[None, :]
-    v_base = (i_b * T * H + i_h) * V       # v and o are [B, T, H, V]
-
-    if HAS_INITIAL_STATE:
-        S = tl.load(S_init + state_off)                                   # S₀ [K, BV] fp32
-    else:
-        S = tl.zeros([K, BV], dtype=tl.float32)
+    i, d, e, state_off, v_base = _walk_tiles(i_v, i_bh, T, H, K, V, C, BV)       # v and o are [B, T, H, V]
+    S = _state_or_zero(S_init, state_off, HAS_INITIAL_STATE, K, BV)              # S₀ [K, BV] fp32
 
     for i_n in range(NT):
         t = (i_n * C + i).to(tl.int64)
         row_ok = (t < T)[:, None]
         rows = i_bh * T + t                                               # rows of [B, H, T, ·] buffers
-        K_off = rows[:, None] * K + d[None, :]
-        W_c = tl.load(W + K_off, mask=row_ok, other=0.0)                  # [C, K]
-        r_c = tl.load(r_dec + K_off, mask=row_ok, other=0.0)              # r ⊙ e^{Γ}
-        k_c = tl.load(k_dec + K_off, mask=row_ok, other=0.0)              # k ⊙ e^{Γ_C−Γ}
-        b_c = tl.load(b_dec + K_off, mask=row_ok, other=0.0)              # b ⊙ e^{Γ_C−Γ}
-        g_C = tl.load(g_last + (i_bh * NT + i_n) * K + d)                 # e^{Γ_C}  [K]
-        A_off = rows[:, None] * C + i[None, :]
-        Aqk_c = tl.load(A_qk + A_off, mask=row_ok, other=0.0)             # [C, C]
-        Aqb_c = tl.load(A_qb + A_off, mask=row_ok, other=0.0)
+        W_c, r_c, k_c, b_c, g_C, Aqk_c, Aqb_c = _chunk_operands(
+            W, r_dec, k_dec, b_dec, g_last, A_qk, A_qb, rows, row_ok, i, d, i_bh * NT + i_n, K, C)
         U_c = tl.load(U + rows[:, None] * V + e[None, :], mask=row_ok, other=0.0)        # [C, BV]
         io_off = v_base + t[:, None] * (H * V) + e[None, :]
         v_c = tl.load(v + io_off, mask=row_ok, other=0.0).to(tl.float32)                # [C, BV]
@@ -406,19 +423,8 @@ def _rwkv7_chunk_scan_bwd_kernel(
     store dS', then d𝒱, Y = 𝒯ᵀ d𝒱 and dV, then dS₀ = e^{Γ_C} ⊙ dS' + (r ⊙ e^{Γ})ᵀ Ō + Wᵀ d𝒱."""
     i_v = tl.program_id(0)                 # which V-slice of the state gradient
     i_bh = tl.program_id(1).to(tl.int64)   # which (batch, head)
-    i_b = i_bh // H
-    i_h = i_bh % H
-
-    i = tl.arange(0, C)
-    d = tl.arange(0, K)                    # the whole key dimension
-    e = i_v * BV + tl.arange(0, BV)        # this program's slice of the value dimension
-    state_off = i_bh * K * V + d[:, None] * V + e[None, :]
-    v_base = (i_b * T * H + i_h) * V       # do and dv are [B, T, H, V]
-
-    if HAS_FINAL_GRAD:
-        dS = tl.load(dS_last + state_off)                                  # ∂L/∂S_T  [K, BV] fp32
-    else:
-        dS = tl.zeros([K, BV], dtype=tl.float32)
+    i, d, e, state_off, v_base = _walk_tiles(i_v, i_bh, T, H, K, V, C, BV)       # do and dv are [B, T, H, V]
+    dS = _state_or_zero(dS_last, state_off, HAS_FINAL_GRAD, K, BV)               # ∂L/∂S_T  [K, BV] fp32
 
     for step in range(NT):
         i_n = NT - 1 - step
@@ -426,15 +432,9 @@ def _rwkv7_chunk_scan_bwd_kernel(
         row_ok = (t < T)[:, None]
         rows = i_bh * T + t                                                # rows of [B, H, T, ·] buffers
         tl.store(dh + (i_bh * NT + i_n) * K * V + d[:, None] * V + e[None, :], dS)   # dS' of chunk i_n
-        K_off = rows[:, None] * K + d[None, :]
-        W_c = tl.load(W + K_off, mask=row_ok, other=0.0)                   # [C, K]
-        r_c = tl.load(r_dec + K_off, mask=row_ok, other=0.0)               # r ⊙ e^{Γ}
-        k_c = tl.load(k_dec + K_off, mask=row_ok, other=0.0)               # k ⊙ e^{Γ_C−Γ}
-        b_c = tl.load(b_dec + K_off, mask=row_ok, other=0.0)               # b ⊙ e^{Γ_C−Γ}
-        g_C = tl.load(g_last + (i_bh * NT + i_n) * K + d)                  # e^{Γ_C}  [K]
+        W_c, r_c, k_c, b_c, g_C, Aqk_c, Aqb_c = _chunk_operands(
+            W, r_dec, k_dec, b_dec, g_last, A_qk, A_qb, rows, row_ok, i, d, i_bh * NT + i_n, K, C)
         A_off = rows[:, None] * C + i[None, :]
-        Aqk_c = tl.load(A_qk + A_off, mask=row_ok, other=0.0)              # [C, C]
-        Aqb_c = tl.load(A_qb + A_off, mask=row_ok, other=0.0)
         Aak_c = tl.load(A_ak + A_off, mask=row_ok, other=0.0)
         T_c = tl.load(T_solve + A_off, mask=row_ok, other=0.0)             # 𝒯 (zero rows past T)
         io_off = v_base + t[:, None] * (H * V) + e[None, :]
