@@ -268,12 +268,15 @@ def _chunk_intra_kernel(
         # step 4: the diagonal block, pairwise in fp32.  Iteration j is key s = I·c + j: its row of k
         # and its β (the running sum of I's gates up to s) against the c query rows, kept when s ≤ r
         # (masked before exp).  A key past T pairs with no valid row, so its index is clamped to T − 1.
+        # β_s and β_I are the same sums rounded in different orders, so β_r − β_s (= 0 at r = s, else a
+        # sum of gates ≤ 0) can come out one ulp above 0: it is clamped to the ≤ 0 it is.
         beta_s = tl.zeros([BK], dtype=tl.float32)
         for j in range(c):
             s_t = tl.minimum(i_c * C + I * c + j, T - 1)
             k_s = tl.load(k + s_t * (H * K) + d_k).to(tl.float32)                  # [BK]
             beta_s += tl.load(g + s_t * (H * K) + d_k).to(tl.float32)
-            decay = tl.exp(tl.where((rows_I[:, None] >= j) & valid_I, beta_I - beta_s[None, :], float("-inf")))
+            exponent = tl.minimum(beta_I - beta_s[None, :], 0.0)
+            decay = tl.exp(tl.where((rows_I[:, None] >= j) & valid_I, exponent, float("-inf")))
             A_rs = tl.sum(q_I * k_s[None, :] * decay, axis=1)                        # [c]: A[r, s]
             A_I += tl.where(rows[None, :] == I * c + j, A_rs[:, None], 0.0)
 
