@@ -11,12 +11,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 case $what in
   notebooks)
     (( $# )) || set -- notebooks/*.ipynb
+    log=$(mktemp)                # several of these may run at once
     for nb in "$@"; do
       start=$(date +%s)
-      python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval-lax --nbval-current-env "$nb" > /tmp/nb.log 2>&1
+      python3 -m pytest -q -p no:cacheprovider -o addopts="" --nbval-lax --nbval-current-env "$nb" > "$log" 2>&1
       rc=$?
-      echo "$(basename "$nb") rc=$rc $(( $(date +%s) - start )) s $(tail -1 /tmp/nb.log)" | tee -a "$out/notebooks.log"
-      [[ $rc == 0 ]] || tail -60 /tmp/nb.log >> "$out/notebooks.log"
+      echo "$(basename "$nb") rc=$rc $(( $(date +%s) - start )) s $(tail -1 "$log")" | tee -a "$out/notebooks.log"
+      [[ $rc == 0 ]] || tail -60 "$log" >> "$out/notebooks.log"
     done ;;
   tests)
     (( $# )) || set -- tests/
