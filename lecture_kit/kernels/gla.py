@@ -88,7 +88,7 @@ Kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
   K: step 0 (β on its rows, b and b_C from the chunk's gates), the decayed operands Q ⊙ e^{b} and
   K ⊙ e^{b_C − b} of its rows, e^{b_C} (the program of the first sub-chunk), and the rows of A
   (steps 3–4): one tensor-core product for all the columns before I, then the diagonal c×c block
-  pairwise, one key row at a time (c steps of [c, BK] work).  A ``[B, H, T, C]`` holds row r of a
+  pairwise on one [c, c, BK] tile per key tile.  A ``[B, H, T, C]`` holds row r of a
   chunk as A[r, 0..C−1]; for the backward it also stores β (fp32, ``[B, T, H, K]``).
 * ``_chunk_states_kernel`` — grid (K/BK, V/BV, B·H).  One program owns a BK×BV tile of one head's
   state (fp32) and walks the chunks, S ← diag(e^{b_C}) S + scale · Xᵀ Y, storing the state that
@@ -230,7 +230,9 @@ def _chunk_intra_kernel(
 
     q, k, g = _head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K)
     q_dec, k_dec = _head(q_dec, i_b, i_h, T, H, K), _head(k_dec, i_b, i_h, T, H, K)
-    A_I = tl.zeros([c, C], dtype=tl.float32)
+    s_le_r = (rows_I[None, :] <= rows_I[:, None]) & valid_I       # the diagonal block's pairs (r, s)
+    A_I = tl.zeros([c, C], dtype=tl.float32)      # step 3: A[I, :I·c]
+    A_diag = tl.zeros([c, c], dtype=tl.float32)   # step 4: A[I, I·c : I·c + c]
     for i_k in range(K // BK):                    # the sums over key channels d, one BK tile at a time
         d_k = i_k * BK + tl.arange(0, BK)
         tile_I = t_I[:, None] * (H * K) + d_k[None, :]
@@ -265,23 +267,19 @@ def _chunk_intra_kernel(
             A_I += _mm(q_I * q_fac, tl.trans(tl.where(before_I, k_i * k_fac, 0.0)), q,
                        DOT_PRECISION, EMULATE_BF16)
 
-        # step 4: the diagonal block, pairwise in fp32.  Iteration j is key s = I·c + j: its row of k
-        # and its β (the running sum of I's gates up to s) against the c query rows, kept when s ≤ r
-        # (masked before exp).  A key past T pairs with no valid row, so its index is clamped to T − 1.
-        # β_s and β_I are the same sums rounded in different orders, so β_r − β_s (= 0 at r = s, else a
-        # sum of gates ≤ 0) can come out one ulp above 0: it is clamped to the ≤ 0 it is.
-        beta_s = tl.zeros([BK], dtype=tl.float32)
-        for j in range(c):
-            s_t = tl.minimum(i_c * C + I * c + j, T - 1)
-            k_s = tl.load(k + s_t * (H * K) + d_k).to(tl.float32)                  # [BK]
-            beta_s += tl.load(g + s_t * (H * K) + d_k).to(tl.float32)
-            exponent = tl.minimum(beta_I - beta_s[None, :], 0.0)
-            decay = tl.exp(tl.where((rows_I[:, None] >= j) & valid_I, exponent, float("-inf")))
-            A_rs = tl.sum(q_I * k_s[None, :] * decay, axis=1)                        # [c]: A[r, s]
-            A_I += tl.where(rows[None, :] == I * c + j, A_rs[:, None], 0.0)
+        # step 4: the diagonal block, pairwise in fp32 on a [c, c, BK] tile: A_rs += Σ_d q_rd k_sd e^{β_rd − β_sd}
+        # for s ≤ r, masked before exp (a key past T pairs only with rows past T, which are not stored).
+        # β_r and β_s are one cumsum here, but the pair's difference of two rounded sums can still come
+        # out one ulp above the ≤ 0 it is, so it is clamped.
+        exponent = tl.minimum(beta_I[:, None, :] - beta_I[None, :, :], 0.0)
+        decay = tl.exp(tl.where(s_le_r[:, :, None], exponent, float("-inf")))
+        A_diag += tl.sum(q_I[:, None, :] * k_I[None, :, :] * decay, axis=2)
 
+    # A's rows of I: columns before I from step 3 and zeros after I, then the diagonal block (disjoint stores)
     A += (i_bh.to(tl.int64) * T + i_c * C + I * c) * C
-    _store_rounded(A, rows_I[:, None] * C + rows[None, :], A_I, valid_I, EMULATE_BF16)
+    off_diagonal = (rows < I * c) | (rows >= (I + 1) * c)
+    _store_rounded(A, rows_I[:, None] * C + rows[None, :], A_I, valid_I & off_diagonal[None, :], EMULATE_BF16)
+    _store_rounded(A, rows_I[:, None] * C + I * c + rows_I[None, :], A_diag, valid_I, EMULATE_BF16)
 
 
 # ------------------------------------------------------------------------------------------------------
