@@ -66,7 +66,7 @@ Two kernels (a "two-phase" design):
 Supported: r, k, a, b, v in bf16, fp16 or fp32 (one dtype); w in that dtype or fp32; fp64 is
 refused (use the PyTorch forms in ``lecture_kit.rwkv7``).  Any B, H and T ≥ 1 (a short last chunk
 is handled by masks, nothing is padded).  K and V powers of two in 16…256; K is held whole in one
-tile of the scan kernel, V is tiled in slices of 32.  ``chunk_size`` ∈ {16, 32, 64} with
+tile of the scan kernel, V is tiled in slices of 16 to 64 (autotuned).  ``chunk_size`` ∈ {16, 32, 64} with
 chunk_size·K ≤ 4096 (16 for any K, 32 for K ≤ 128, 64 for K ≤ 64; the scan's per-chunk tiles must fit
 in shared memory); 16, fla's choice for DPLR, is the default and the fast one.  Matrix products
 (``tl.dot``) use ``input_precision="ieee"`` for fp32 inputs (exact, but CUDA cores: the slow path) and
@@ -365,6 +365,26 @@ def _chunk_operands(W, r_dec, k_dec, b_dec, g_last, A_qk, A_qb, rows, row_ok, i,
             tl.load(A_qk + A_off, mask=row_ok, other=0.0), tl.load(A_qb + A_off, mask=row_ok, other=0.0))
 
 
+def _walk_tiles_that_fit(configs, named_args, **kwargs):
+    """The forward walk's (BV, num_warps) choices that fit: BV ≤ V, the [K, BV] fp32 state at ≤ 64
+    registers a thread, and two pipeline stages (prefetching the next chunk's operands) only while
+    C·K ≤ 2048, beyond which they cost too much shared memory."""
+    K, V, C = (({**named_args, **kwargs})[name] for name in ("K", "V", "C"))
+    stages = 2 if C * K <= 2048 else 1
+    kept = [triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=stages) for cfg in configs
+            if cfg.kwargs["BV"] <= V and K * cfg.kwargs["BV"] <= 64 * 32 * cfg.num_warps]
+    return kept or [triton.Config({"BV": 16}, num_warps=8, num_stages=stages)]
+
+
+# One program per (V-slice, batch·head) walks all chunks in order: B·H·V/BV programs in all, so the
+# slice width trades programs (parallelism across the GPU) against the work each does per chunk, and
+# is autotuned with the warps.  Under the interpreter BV = 16 fits every V and tiles V in the tests.
+@triton.autotune(
+    configs=[triton.Config({"BV": bv}, num_warps=w)
+             for bv, w in ([(16, 4)] if _INTERPRETED else [(16, 2), (16, 4), (32, 4), (32, 8), (64, 4), (64, 8)])],
+    key=["K", "V", "C", "RECOMPUTE"],
+    prune_configs_by={"early_config_prune": _walk_tiles_that_fit},
+)
 @triton.jit
 def _rwkv7_chunk_scan_kernel(
     v, A_qk, A_qb, U, W, r_dec, k_dec, b_dec, g_last,      # phase-1 outputs and the values
@@ -681,7 +701,7 @@ def _phase1(r, w, k, v, a, b, C, for_backward=False):
 
 
 def _scan_launch_options(K, C):
-    """num_warps and num_stages of the two walks over chunks (forward and reverse)."""
+    """num_warps and num_stages of the reverse walk (the forward walk's are autotuned)."""
     # two pipeline stages prefetch the next chunk's operands; past C·K = 2048 they cost too much shared memory
     return dict(num_warps=4 if K <= 128 else 8, num_stages=2 if C * K <= 2048 else 1)
 
@@ -693,17 +713,15 @@ def _phase2(v, chunk, scale, S_init, C, *, o=None, S_final=None, h=None, pseudo=
     K = chunk["W"].shape[-1]
     NT = triton.cdiv(T, C)
     recompute = h is not None
-    # one program per (V-slice, batch·head); 32-wide slices give enough programs at small B·H
-    BV = min(V, 32)
-    _rwkv7_chunk_scan_kernel[(V // BV, B * H)](
+    _rwkv7_chunk_scan_kernel[lambda meta: (V // meta["BV"], B * H)](
         v, chunk["A_qk"], chunk["A_qb"], chunk["U"], chunk["W"],
         chunk["r_dec"], chunk["k_dec"], chunk["b_dec"], chunk["g_last"],
         v if o is None else o, v if S_init is None else S_init, v if S_final is None else S_final,
         h if recompute else v, pseudo if recompute else v,        # (v: a placeholder, never written)
         T, NT, float(scale),
-        H=H, K=K, V=V, C=C, BV=BV,
+        H=H, K=K, V=V, C=C,
         HAS_INITIAL_STATE=S_init is not None, STORE_FINAL_STATE=S_final is not None, RECOMPUTE=recompute,
-        DOT_PRECISION=_dot_precision(v), **_scan_launch_options(K, C),
+        DOT_PRECISION=_dot_precision(v),
     )
 
 
