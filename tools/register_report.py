@@ -82,9 +82,10 @@ def presets():
                 FACTORED_SPAN=rwkv7.FACTORED_SPAN), 4, 1)
     grad = {name: bf16 for name in ("r", "w", "k", "v", "a", "b", "do", "dr", "dw", "dk", "da", "db")}
     grad.update({name: f32 for name in ("h", "dh", "pseudo", "Y")}, T="i32", NT="i32", scale="fp32")
-    for C, bk, pairs, warps in ((16, 32, 4, 4), (16, 32, 4, 8), (32, 32, 2, 8), (64, 16, 2, 8)):
+    for C, bk, pairs, warps in ((16, 32, 2, 4), (16, 32, 2, 8), (32, 32, 2, 8), (64, 16, 2, 8)):
         yield (f"rwkv7 grad C={C} BK={bk}", rwkv7._rwkv7_chunk_grad_kernel, grad,
-               dict(H=32, K=64, V=64, C=C, BK=bk, BV=32, PAIRS=pairs, DOT_PRECISION="tf32"), warps, 1)
+               dict(H=32, K=64, V=64, C=C, BK=bk, BV=32, PAIRS=pairs, DOT_PRECISION="tf32",
+                    FACTORED_SPAN=rwkv7.FACTORED_SPAN), warps, 1)
 
 
 def main():

@@ -107,10 +107,18 @@ and the decayed operands theirs, the "state parts" (superscript S) of dr, da, dk
     dr^S = e^{Γ} ⊙ (Ō S₀ᵀ)    da^S = e^{Γ⁻} ⊙ (Y S₀ᵀ)    dk^S = e^{Γ_C−Γ} ⊙ (V dS'ᵀ)    db^S = e^{Γ_C−Γ} ⊙ (𝒱 dS'ᵀ).
 
 Each matrix is A^{xy}_ij = Σ_d x_id y_jd e^{E_id − Γ_jd} with (x, y, E) = (r, k, Γ), (r, b, Γ),
-(a, k, Γ⁻), (a, b, Γ⁻), so its "pair parts" (superscript P) are, pairwise in fp32, masked before
-the exponential exactly as in the forward,
+(a, k, Γ⁻), (a, b, Γ⁻), so its "pair parts" (superscript P) are
 
-    dx_id += Σ_j dA^{xy}_ij y_jd e^{E_id − Γ_jd}        dy_jd += Σ_i dA^{xy}_ij x_id e^{E_id − Γ_jd}.
+    dx_id += Σ_j dA^{xy}_ij y_jd e^{E_id − Γ_jd}        dy_jd += Σ_i dA^{xy}_ij x_id e^{E_id − Γ_jd},
+
+taken by the two routes of phase 1, chosen per chunk and K slice by the same test: for mild gates
+(every Γ of the slice within [−FACTORED_SPAN, 0]) e^{E_i − Γ_j} = e^{E_i}·e^{−Γ_j}, so
+
+    dx = e^{E} ⊙ (dA^{xy} (y ⊙ e^{−Γ}))                 dy = e^{−Γ} ⊙ (dA^{xy}ᵀ (x ⊙ e^{E})),
+
+eight [C, C]×[C, BK] products of the causal parts of the dA's, taken in fp32 (``"ieee"``, whatever the
+input dtype: dw cancels these terms against each other, and must be left with fp32 rounding only);
+otherwise pairwise in fp32, masked before the exponential exactly as in the forward.
 
 The log decay.  Γ enters only through exponents: +Γ_i with r_i (in A^{qk}, A^{qb} and r ⊙ e^{Γ}),
 −Γ_j with k_j and b_j (in all four matrices and in the decays e^{Γ_C−Γ}), +Γ⁻_i with a_i, and +Γ_C
@@ -127,8 +135,8 @@ with +; for j ≥ s they cancel exactly, so the kernel sums only what is left:
            + Σ_{j<s} (k ⊙ dk^S + b ⊙ db^S)_j + e^{Γ_C} ⊙ diag(S₀ dS'ᵀ)
 
 (a reverse, a strict reverse and a strict forward cumsum inside the chunk, in fp32).  The pair terms
-with both ends at or after s cancel inside the first two sums; they are fp32 products of the same
-fp32 numbers, so what is left of them is fp32 rounding.  Every exponent is a window sum of w as in
+with both ends at or after s cancel inside the first two sums; both routes form them in fp32, so
+what is left of them is fp32 rounding.  Every exponent is a window sum of w as in
 the forward (≤ 0, masked before exp), and no sum runs over more than one chunk.
 
 The backward launches four kernels:
@@ -141,9 +149,9 @@ The backward launches four kernels:
   (``dh [B, H, NT, K, V]``), forms d𝒱, Y and dV, then steps dS' → dS₀; the last is ∂L/∂S_initial;
 * ``_rwkv7_chunk_grad_kernel`` — grid ``(K / BK, number of chunks, B·H)``, all chunks in parallel:
   one program owns BK channels of one chunk; it sums the four dA's, the four state parts and
-  diag(S₀ dS'ᵀ) over V tiles, then adds the pair parts for PAIRS partner rows m at a time, in
-  [C, PAIRS, BK] tensors of ≤ 2048 elements (never the whole [C, C, BK]), and finishes dw with the
-  cumsums; it writes dr, dw, dk, da, db.
+  diag(S₀ dS'ᵀ) over V tiles, then adds the pair parts (factored: eight fp32 products; pairwise: for
+  PAIRS partner rows m at a time, in [C, PAIRS, BK] tensors of ≤ 1024 elements, never the whole
+  [C, C, BK]), and finishes dw with the cumsums; it writes dr, dw, dk, da, db.
 
 Memory.  Saved by the forward: the inputs (contiguous copies where the caller's are not, the initial
 state as fp32), nothing else.  Scratch of the backward per token and head, fp32: 4K + V + 4C (+ K/C)
@@ -492,6 +500,64 @@ def _columns(x, m, C: tl.constexpr):
 
 
 @triton.jit
+def _factored_pair_grads(dA_qk, dA_qb, dA_ak, dA_ab, r_c, k_c, a_c, b_c, G, w_prev, ii, jj):
+    """The pair parts of dr, da, dk, db [C, BK] for mild gates: e^{E_i − Γ_j} = e^{E_i}·e^{−Γ_j} turns
+    each into fp32 products of the causal part of a dA with decayed operands (module docstring)."""
+    incl, strict = ii >= jj, ii > jj
+    dA_qk, dA_qb = tl.where(incl, dA_qk, 0.0), tl.where(incl, dA_qb, 0.0)
+    dA_ak, dA_ab = tl.where(strict, dA_ak, 0.0), tl.where(strict, dA_ab, 0.0)
+    e_G, e_G_excl, e_minus_G = tl.exp(G), tl.exp(tl.cumsum(w_prev, axis=0)), tl.exp(-G)     # e^{Γ}, e^{Γ⁻}, e^{−Γ}
+    k_out, b_out = k_c * e_minus_G, b_c * e_minus_G
+    r_in, a_in = r_c * e_G, a_c * e_G_excl
+    dr_P = e_G * (tl.dot(dA_qk, k_out, input_precision="ieee") + tl.dot(dA_qb, b_out, input_precision="ieee"))
+    da_P = e_G_excl * (tl.dot(dA_ak, k_out, input_precision="ieee") + tl.dot(dA_ab, b_out, input_precision="ieee"))
+    dk_P = e_minus_G * (tl.dot(tl.trans(dA_qk), r_in, input_precision="ieee")
+                        + tl.dot(tl.trans(dA_ak), a_in, input_precision="ieee"))
+    db_P = e_minus_G * (tl.dot(tl.trans(dA_qb), r_in, input_precision="ieee")
+                        + tl.dot(tl.trans(dA_ab), a_in, input_precision="ieee"))
+    return dr_P, da_P, dk_P, db_P
+
+
+@triton.jit
+def _pairwise_pair_grads(dA_qk, dA_qb, dA_ak, dA_ab, r_c, k_c, a_c, b_c, w_c, w_prev, w_next, ii,
+                         C: tl.constexpr, BK: tl.constexpr, PAIRS: tl.constexpr):
+    """The same pair parts for any gates, PAIRS partner rows m at a time: pairs (i, j = m) give dr, da
+    and pairs (i = m, j) give dk, db.  The [C, PAIRS, BK] tensors are indexed [row of the tile, m, d];
+    their exponents are window sums of w down axis 0, as in phase 1, masked before exp."""
+    dr_P = tl.zeros([C, BK], dtype=tl.float32)
+    da_P = tl.zeros([C, BK], dtype=tl.float32)
+    dk_P = tl.zeros([C, BK], dtype=tl.float32)
+    db_P = tl.zeros([C, BK], dtype=tl.float32)
+    i3 = ii[:, :, None]                                                        # [C, 1, 1]
+    for m0 in range(0, C, PAIRS):
+        m = m0 + tl.arange(0, PAIRS)
+        m3 = m[None, :, None]                                                  # [1, PAIRS, 1]
+        # columns m of the scores: dx_i += Σ_m dA_im y_m e^{E_i − Γ_m}
+        E_incl = tl.exp(tl.where(m3 <= i3, tl.cumsum(tl.where(m3 < i3, w_c[:, None, :], 0.0), axis=0),
+                                 float("-inf")))                               # w_{m+1} + … + w_i
+        E_strict = tl.exp(tl.where(m3 < i3, tl.cumsum(tl.where(m3 + 1 < i3, w_prev[:, None, :], 0.0), axis=0),
+                                   float("-inf")))                             # w_{m+1} + … + w_{i−1}
+        k_m = _rows(k_c, m, C)[None, :, :]
+        b_m = _rows(b_c, m, C)[None, :, :]
+        dr_P += tl.sum((_columns(dA_qk, m, C)[:, :, None] * k_m
+                        + _columns(dA_qb, m, C)[:, :, None] * b_m) * E_incl, axis=1)
+        da_P += tl.sum((_columns(dA_ak, m, C)[:, :, None] * k_m
+                        + _columns(dA_ab, m, C)[:, :, None] * b_m) * E_strict, axis=1)
+        # rows m of the scores: dy_j += Σ_m dA_mj x_m e^{E_m − Γ_j}   (reverse window sums, from m down to j)
+        F_incl = tl.exp(tl.where(i3 <= m3, tl.cumsum(tl.where(i3 < m3, w_next[:, None, :], 0.0), axis=0,
+                                                     reverse=True), float("-inf")))          # w_{j+1} + … + w_m
+        F_strict = tl.exp(tl.where(i3 < m3, tl.cumsum(tl.where(i3 + 1 < m3, w_next[:, None, :], 0.0), axis=0,
+                                                      reverse=True), float("-inf")))         # … + w_{m−1}
+        r_m = _rows(r_c, m, C)[None, :, :]
+        a_m = _rows(a_c, m, C)[None, :, :]
+        dk_P += tl.sum(tl.trans(_rows(dA_qk, m, C))[:, :, None] * r_m * F_incl
+                       + tl.trans(_rows(dA_ak, m, C))[:, :, None] * a_m * F_strict, axis=1)
+        db_P += tl.sum(tl.trans(_rows(dA_qb, m, C))[:, :, None] * r_m * F_incl
+                       + tl.trans(_rows(dA_ab, m, C))[:, :, None] * a_m * F_strict, axis=1)
+    return dr_P, da_P, dk_P, db_P
+
+
+@triton.jit
 def _rwkv7_chunk_grad_kernel(
     r, w, k, v, a, b, do,                  # inputs and dO, [B, T, H, ·] as in the forward
     h, dh, pseudo, Y,                      # S₀ and dS' of every chunk [B, H, NT, K, V]; 𝒱, Y [B, H, T, V]; fp32
@@ -499,9 +565,10 @@ def _rwkv7_chunk_grad_kernel(
     T, NT, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PAIRS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FACTORED_SPAN: tl.constexpr,
 ):
     """The BK channels d of dr, dw, dk, da, db in one chunk (module docstring): state parts, pair
-    parts (PAIRS partner rows at a time), then the cumsums of dw."""
+    parts (factored or pairwise), then the cumsums of dw."""
     i_k = tl.program_id(0)                 # which BK channels
     i_n = tl.program_id(1)                 # which chunk
     i_bh = tl.program_id(2).to(tl.int64)   # which (batch, head)
@@ -564,37 +631,15 @@ def _rwkv7_chunk_grad_kernel(
     dk_S = to_end * dk_S
     db_S = to_end * db_S
 
-    # ---- pair parts, PAIRS partner rows m at a time: pairs (i, j = m) give dr, da and pairs (i = m, j)
-    # give dk, db.  The [C, PAIRS, BK] tensors are indexed [row of the tile, m, d]; their exponents are
-    # window sums of w down axis 0, as in phase 1, masked before exp.
-    dk_P = tl.zeros([C, BK], dtype=tl.float32)
-    db_P = tl.zeros([C, BK], dtype=tl.float32)
-    i3 = ii[:, :, None]                                                        # [C, 1, 1]
-    for m0 in range(0, C, PAIRS):
-        m = m0 + tl.arange(0, PAIRS)
-        m3 = m[None, :, None]                                                  # [1, PAIRS, 1]
-        # columns m of the scores: dx_i += Σ_m dA_im y_m e^{E_i − Γ_m}
-        E_incl = tl.exp(tl.where(m3 <= i3, tl.cumsum(tl.where(m3 < i3, w_c[:, None, :], 0.0), axis=0),
-                                 float("-inf")))                               # w_{m+1} + … + w_i
-        E_strict = tl.exp(tl.where(m3 < i3, tl.cumsum(tl.where(m3 + 1 < i3, w_prev[:, None, :], 0.0), axis=0),
-                                   float("-inf")))                             # w_{m+1} + … + w_{i−1}
-        k_m = _rows(k_c, m, C)[None, :, :]
-        b_m = _rows(b_c, m, C)[None, :, :]
-        dr_acc += tl.sum((_columns(dA_qk, m, C)[:, :, None] * k_m
-                          + _columns(dA_qb, m, C)[:, :, None] * b_m) * E_incl, axis=1)
-        da_acc += tl.sum((_columns(dA_ak, m, C)[:, :, None] * k_m
-                          + _columns(dA_ab, m, C)[:, :, None] * b_m) * E_strict, axis=1)
-        # rows m of the scores: dy_j += Σ_m dA_mj x_m e^{E_m − Γ_j}   (reverse window sums, from m down to j)
-        F_incl = tl.exp(tl.where(i3 <= m3, tl.cumsum(tl.where(i3 < m3, w_next[:, None, :], 0.0), axis=0,
-                                                     reverse=True), float("-inf")))          # w_{j+1} + … + w_m
-        F_strict = tl.exp(tl.where(i3 < m3, tl.cumsum(tl.where(i3 + 1 < m3, w_next[:, None, :], 0.0), axis=0,
-                                                      reverse=True), float("-inf")))         # … + w_{m−1}
-        r_m = _rows(r_c, m, C)[None, :, :]
-        a_m = _rows(a_c, m, C)[None, :, :]
-        dk_P += tl.sum(tl.trans(_rows(dA_qk, m, C))[:, :, None] * r_m * F_incl
-                       + tl.trans(_rows(dA_ak, m, C))[:, :, None] * a_m * F_strict, axis=1)
-        db_P += tl.sum(tl.trans(_rows(dA_qb, m, C))[:, :, None] * r_m * F_incl
-                       + tl.trans(_rows(dA_ab, m, C))[:, :, None] * a_m * F_strict, axis=1)
+    # ---- pair parts: factored when this chunk's K slice has mild gates (phase 1's test), else pairwise ----
+    if tl.min(G_C) >= -FACTORED_SPAN:
+        dr_P, da_P, dk_P, db_P = _factored_pair_grads(dA_qk, dA_qb, dA_ak, dA_ab, r_c, k_c, a_c, b_c,
+                                                      G, w_prev, ii, i[None, :])
+    else:
+        dr_P, da_P, dk_P, db_P = _pairwise_pair_grads(dA_qk, dA_qb, dA_ak, dA_ab, r_c, k_c, a_c, b_c,
+                                                      w_c, w_prev, w_next, ii, C, BK, PAIRS)
+    dr_acc += dr_P
+    da_acc += da_P
 
     # ---- dw: Σ_{i≥s} (r dr − k dk^P − b db^P) + Σ_{i>s} a da + Σ_{j<s} (k dk^S + b db^S) + e^{Γ_C} diag(S₀ dS'ᵀ)
     R = r_c * dr_acc - k_c * dk_P - b_c * db_P
@@ -770,17 +815,18 @@ def _backward_triton(r, w, k, v, a, b, scale, S_init, do, dS_final, C):
     del chunk                                            # phase 1's scratch is not needed any more
 
     # dr, dw, dk, da, db, all chunks in parallel.  A program holds four [C, C] score gradients, about
-    # twelve [C, BK] tiles and a few [C, PAIRS, BK] pair products.  Compiled offline for sm_90 (Triton
-    # 3.9, bf16, K = V = 64): at C = 16, BK = 32 with 4 warps spills (255 registers and 392 bytes of
-    # stack), with 8 warps it fits (254, no stack); C = 32 and 64 still spill at 8 warps (832 and 1080
-    # bytes).  Interpreter: BK = BV = 16, so that the small test sizes exercise the tiling over K and V.
+    # twelve [C, BK] tiles and either route's pair products ([C, PAIRS, BK] tensors for the pairwise
+    # one).  Compiled offline for sm_90 (Triton 3.9, bf16, K = V = 64, 8 warps): at C = 16, BK = 32
+    # the kernel fits in 212 registers with PAIRS = 2 and spills with PAIRS = 4 (255 and 56 bytes of
+    # stack; 4 warps spill either way); C = 32 and 64 still spill.  Interpreter: BK = BV = 16, so that
+    # the small test sizes exercise the tiling over K and V.
     dr, dw, dk, da, db = (torch.empty_like(x) for x in (r, w, k, a, b))
     BK, BV = (16, 16) if _INTERPRETED else (min(K, 32 if C <= 32 else 16), min(V, 32))
-    pairs = min(C, 2048 // (C * BK))          # the [C, PAIRS, BK] pair products: ≤ 2048 elements
+    pairs = max(2, 1024 // (C * BK))          # the [C, PAIRS, BK] pair products: ≤ 1024 elements
     _rwkv7_chunk_grad_kernel[(K // BK, NT, B * H)](
         r, w, k, v, a, b, do, h, dh, pseudo, Y, dr, dw, dk, da, db, T, NT, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, PAIRS=pairs, DOT_PRECISION=_dot_precision(v),
-        num_warps=8, num_stages=1,
+        FACTORED_SPAN=FACTORED_SPAN, num_warps=8, num_stages=1,
     )
     return dr, dw, dk, dv, da, db, dS_init
 
