@@ -3,7 +3,7 @@
 #   source .whl/env.sh && bash tools/gpu_check.sh notebooks [notebook ...]   # default: all of them
 #   source .whl/env.sh && bash tools/gpu_check.sh tests [pytest arguments]   # default: tests/
 # Appends to $OUT/notebooks.log (per notebook: result, seconds, and the tail of a failure) or writes
-# $OUT/tests.log.
+# $OUT/tests_<first argument>.log.
 set -uo pipefail
 what=$1; shift
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out"
@@ -21,6 +21,7 @@ case $what in
     done ;;
   tests)
     (( $# )) || set -- tests/
-    python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" --durations=10 "$@" 2>&1 | tee "$out/tests.log" ;;
+    log="$out/tests_$(basename "${1%.py}").log"         # named after the first argument: several may run at once
+    python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" --durations=10 "$@" 2>&1 | tee "$log" ;;
   *) echo "usage: $0 notebooks|tests [...]" >&2; exit 2 ;;
 esac

@@ -59,7 +59,7 @@ def presets():
     f32, bf16 = "*fp32", "*bf16"
     half = dict(DOT_PRECISION="tf32", EMULATE_BF16=False)
     intra = dict(q=bf16, k=bf16, g=f32, A=bf16, q_dec=bf16, k_dec=bf16, decay_C=f32, beta=f32, T="i32", NT="i32")
-    for bk, warps in ((64, 2), (64, 4), (32, 8), (16, 4), (16, 8)):         # BK = 64: the tile before 12-01
+    for bk, warps in ((16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):     # the autotuned choices
         yield (f"gla intra BK={bk}", gla._chunk_intra_kernel, intra,
                dict(H=16, K=128, C=64, c=16, BK=bk, STORE_BETA=False, **half), warps, 1)
     states = dict(x=bf16, y=bf16, decay_C=f32, h=bf16, h0=f32, ht=f32, scale="fp32", T="i32", NT="i32")
@@ -77,9 +77,10 @@ def presets():
     phase1 = {name: bf16 for name in ("r", "w", "k", "v", "a", "b")}
     phase1.update({name: f32 for name in ("A_qk", "A_qb", "U", "W", "r_dec", "k_dec", "b_dec", "g_last",
                                           "A_ak", "T_solve")}, T="i32", NT="i32")
-    yield ("rwkv7 phase1", rwkv7._rwkv7_chunk_intra_kernel, phase1,
-           dict(H=32, K=64, V=64, C=16, BK=16, BKW=64, BV=64, DOT_PRECISION="tf32", FOR_BACKWARD=False,
-                FACTORED_SPAN=rwkv7.FACTORED_SPAN), 4, 1)
+    for warps in (2, 4):
+        yield ("rwkv7 phase1", rwkv7._rwkv7_chunk_intra_kernel, phase1,
+               dict(H=32, K=64, V=64, C=16, BK=16, BKW=64, BV=64, DOT_PRECISION="tf32", FOR_BACKWARD=False,
+                    FACTORED_SPAN=rwkv7.FACTORED_SPAN), warps, 1)
     grad = {name: bf16 for name in ("r", "w", "k", "v", "a", "b", "do", "dr", "dw", "dk", "da", "db")}
     grad.update({name: f32 for name in ("h", "dh", "pseudo", "Y")}, T="i32", NT="i32", scale="fp32")
     for C, bk, pairs, warps in ((16, 32, 2, 4), (16, 32, 2, 8), (32, 32, 2, 8), (64, 16, 2, 8)):

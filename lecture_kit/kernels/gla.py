@@ -196,12 +196,13 @@ def _key_tiles_that_fit(configs, named_args, **kwargs):
     return [cfg for cfg in configs if cfg.kwargs["BK"] <= K]
 
 
-# Kernel 1 holds [C, BK] tiles of the whole chunk for step 3: compiled offline for sm_90 (Triton 3.9,
-# bf16, K = 128, C = 64) BK = 64 needs 255 registers and spills at 2 to 4 warps; BK = 32 at 8 warps
-# needs 101, BK = 16 at 4 warps 115, at 8 warps 80, none spilling.  (BK, num_warps) are autotuned.
+# Kernel 1 holds [C, BK] tiles of the whole chunk for step 3 and a [c, c, BK] tile for step 4.
+# Compiled offline for sm_90 (Triton 3.9, bf16, K = 128, C = 64), these (BK, num_warps) need (registers
+# a thread): (16, 2) 235, (16, 4) 128, (16, 8) 95, (32, 4) 223, (32, 8) 128 and 16 bytes of stack,
+# (64, 8) 177; 1 warp, and BK = 64 at 4 warps, spill more.  They are autotuned.
 @triton.autotune(
     configs=[triton.Config({"BK": bk}, num_warps=w, num_stages=1)
-             for bk, w in ([(16, 4)] if _INTERPRETED else [(32, 8), (16, 4), (16, 8)])],
+             for bk, w in ([(16, 4)] if _INTERPRETED else [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)])],
     key=["K", "C", "STORE_BETA"],
     prune_configs_by={"early_config_prune": _key_tiles_that_fit},
 )

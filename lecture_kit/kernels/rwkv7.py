@@ -215,6 +215,13 @@ def _pairwise_scores(r_c, k_c, a_c, b_c, w_c, w_prev, ii, jj):
             tl.sum(a_c[:, None, :] * b_c[None, :, :] * E_strict, axis=2))
 
 
+# Phase 1's tiles are small ([C, BK], [C, C] at C = 16), so the warps are autotuned: compiled offline for
+# sm_90 (Triton 3.9, bf16, K = V = 64, C = 16) 4 warps need 181 registers a thread, 2 warps 255 with no
+# spills (half the registers per program, so more programs per SM); 1 warp spills.
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=1) for w in ([4] if _INTERPRETED else [2, 4])],
+    key=["K", "V", "C", "FOR_BACKWARD"],
+)
 @triton.jit
 def _rwkv7_chunk_intra_kernel(
     r, w, k, v, a, b,                      # inputs, [B, T, H, K] (v: [B, T, H, V]), contiguous
@@ -374,7 +381,7 @@ def _chunk_operands(W, r_dec, k_dec, b_dec, g_last, A_qk, A_qb, rows, row_ok, i,
 
 
 def _walk_tiles_that_fit(configs, named_args, **kwargs):
-    """The forward walk's (BV, num_warps) choices that fit: BV ≤ V, the [K, BV] fp32 state at ≤ 64
+    """The walks' (BV, num_warps) choices that fit: BV ≤ V, the [K, BV] fp32 state at ≤ 64
     registers a thread, and two pipeline stages (prefetching the next chunk's operands) only while
     C·K ≤ 2048, beyond which they cost too much shared memory."""
     K, V, C = (({**named_args, **kwargs})[name] for name in ("K", "V", "C"))
@@ -386,13 +393,14 @@ def _walk_tiles_that_fit(configs, named_args, **kwargs):
 
 # One program per (V-slice, batch·head) walks all chunks in order: B·H·V/BV programs in all, so the
 # slice width trades programs (parallelism across the GPU) against the work each does per chunk, and
-# is autotuned with the warps.  Under the interpreter BV = 16 fits every V and tiles V in the tests.
-@triton.autotune(
-    configs=[triton.Config({"BV": bv}, num_warps=w)
-             for bv, w in ([(16, 4)] if _INTERPRETED else [(16, 2), (16, 4), (32, 4), (32, 8), (64, 4), (64, 8)])],
-    key=["K", "V", "C", "RECOMPUTE"],
-    prune_configs_by={"early_config_prune": _walk_tiles_that_fit},
-)
+# is autotuned with the warps, for both walks.  Under the interpreter BV = 16 fits every V and tiles V
+# in the tests.
+_WALK_CONFIGS = [triton.Config({"BV": bv}, num_warps=w)
+                 for bv, w in ([(16, 4)] if _INTERPRETED else [(16, 2), (16, 4), (32, 4), (32, 8), (64, 4), (64, 8)])]
+
+
+@triton.autotune(configs=_WALK_CONFIGS, key=["K", "V", "C", "RECOMPUTE"],
+                 prune_configs_by={"early_config_prune": _walk_tiles_that_fit})
 @triton.jit
 def _rwkv7_chunk_scan_kernel(
     v, A_qk, A_qb, U, W, r_dec, k_dec, b_dec, g_last,      # phase-1 outputs and the values
@@ -438,6 +446,8 @@ def _rwkv7_chunk_scan_kernel(
 # --------------------------------------------------------------------------------------------------
 # Backward 1: the reverse walk over chunks, state gradient on-chip
 # --------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_WALK_CONFIGS, key=["K", "V", "C"],
+                 prune_configs_by={"early_config_prune": _walk_tiles_that_fit})
 @triton.jit
 def _rwkv7_chunk_scan_bwd_kernel(
     do, A_qk, A_qb, A_ak, T_solve, W, r_dec, k_dec, b_dec, g_last,   # dO [B, T, H, V]; phase-1 outputs
@@ -740,15 +750,9 @@ def _phase1(r, w, k, v, a, b, C, for_backward=False):
         out["r_dec"], out["k_dec"], out["b_dec"], out["g_last"],
         out.get("A_ak", out["A_qk"]), out.get("T_solve", out["A_qk"]), T, NT,   # (unused unless for_backward)
         H=H, K=K, V=V, C=C, BK=BK, BKW=min(K, 64), BV=min(V, 64), DOT_PRECISION=_dot_precision(r),
-        FOR_BACKWARD=for_backward, FACTORED_SPAN=FACTORED_SPAN, num_warps=4, num_stages=1,
+        FOR_BACKWARD=for_backward, FACTORED_SPAN=FACTORED_SPAN,
     )
     return out
-
-
-def _scan_launch_options(K, C):
-    """num_warps and num_stages of the reverse walk (the forward walk's are autotuned)."""
-    # two pipeline stages prefetch the next chunk's operands; past C·K = 2048 they cost too much shared memory
-    return dict(num_warps=4 if K <= 128 else 8, num_stages=2 if C * K <= 2048 else 1)
 
 
 def _phase2(v, chunk, scale, S_init, C, *, o=None, S_final=None, h=None, pseudo=None):
@@ -797,20 +801,18 @@ def _backward_triton(r, w, k, v, a, b, scale, S_init, do, dS_final, C):
     pseudo = torch.empty(B, H, T, V, **f32)
     _phase2(v, chunk, scale, S_init, C, h=h, pseudo=pseudo)
 
-    # the reverse walk: dS' per chunk, Y, dv, and d initial_state.  Under the interpreter 16-wide
-    # slices make the small test sizes exercise the tiling over V.
+    # the reverse walk: dS' per chunk, Y, dv, and d initial_state
     dh = torch.empty_like(h)
     Y = torch.empty_like(pseudo)
     dv = torch.empty_like(v)
     dS_init = None if S_init is None else torch.empty(B, H, K, V, **f32)
-    BV = 16 if _INTERPRETED else min(V, 32)
-    _rwkv7_chunk_scan_bwd_kernel[(V // BV, B * H)](
+    _rwkv7_chunk_scan_bwd_kernel[lambda meta: (V // meta["BV"], B * H)](
         do, chunk["A_qk"], chunk["A_qb"], chunk["A_ak"], chunk["T_solve"], chunk["W"],
         chunk["r_dec"], chunk["k_dec"], chunk["b_dec"], chunk["g_last"],
         dh if dS_final is None else dS_final, dh, Y, dv, dh if dS_init is None else dS_init,   # (dh: placeholder)
         T, NT, float(scale),
-        H=H, K=K, V=V, C=C, BV=BV, HAS_FINAL_GRAD=dS_final is not None, HAS_INITIAL_STATE=S_init is not None,
-        DOT_PRECISION=_dot_precision(v), **_scan_launch_options(K, C),
+        H=H, K=K, V=V, C=C, HAS_FINAL_GRAD=dS_final is not None, HAS_INITIAL_STATE=S_init is not None,
+        DOT_PRECISION=_dot_precision(v),
     )
     del chunk                                            # phase 1's scratch is not needed any more
 
