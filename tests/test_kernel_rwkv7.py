@@ -4,7 +4,8 @@ recurrence ``lecture_kit.rwkv7.recurrent``, computed from the same rounded input
 Covered: bf16 / fp16 / fp32 inputs (w in fp32 or in the inputs' dtype); ragged lengths T = 1, 7, 50
 with chunk 16, and chunks 32 and 64; zero and non-zero initial states; the layer's weak gates
 w = −e^{−1/2}·σ(x) and strong unbounded gates w = −exp(x + 1) (down to about −20), plus extreme
-ones (−80 and 0); RWKV-7's a = −κ̂, b = κ̂ ∘ a_icl with ‖κ̂‖ = 1; the ValueErrors for unsupported
+ones (−80 and 0), the weak ones taking the factored route of phase 1 and the gradient kernel and the
+strong ones the pairwise route (checked); RWKV-7's a = −κ̂, b = κ̂ ∘ a_icl with ‖κ̂‖ = 1; the ValueErrors for unsupported
 input.  Gradients of every input (r, w, k, v, a, b, initial_state) against fp64 autograd of the
 recurrence, through the Triton backward (which must not call ``rwkv7.chunked``): every dtype and
 both gates at chunk 16, ragged T at chunks 32 and 64, through the final state alone, through the
@@ -22,6 +23,7 @@ import torch
 import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads when there is no GPU)
 from lecture_kit import rwkv7
 from lecture_kit.bench import calls_to
+from lecture_kit.kernels import rwkv7 as kernels_rwkv7
 from lecture_kit.kernels.rwkv7 import rwkv7_chunked
 from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
 
@@ -156,6 +158,23 @@ def test_gradients_match_fp64_autograd(dtype, gate):
     args, kw = random_inputs("rwkv7", **SIZES, length=23, gate=gate, dtype=dtype, initial_state=True, seed=7,
                              device=DEVICE)
     check_gradients(args, kw["initial_state"], dtype=dtype)
+
+
+@pytest.mark.parametrize("gate,factored", [("weak", True), ("strong", False)])
+def test_the_gate_regimes_cover_both_routes(gate, factored):
+    """Phase 1 and the gradient kernel take the factored route in a chunk's 16-channel slice when its
+    chunk-long log decays all lie in [−FACTORED_SPAN, 0], else the pairwise one.  The weak gates of the
+    tests above keep every slice of every chunk factored at chunk 16 and the strong gates none of them,
+    so both routes are tested, forward and backward; a change to the gates of ``random_inputs`` that
+    sent every test down one route would fail here rather than leave the other route untested."""
+    (_, w, *_), _ = random_inputs("rwkv7", **SIZES, length=23, gate=gate, dtype=torch.float32, seed=7)
+    B, T, H, K = w.shape
+    C = 16
+    padded = torch.cat([w, w.new_zeros(B, -T % C, H, K)], dim=1)                 # rows past T: w = 0
+    gamma_C = padded.reshape(B, -1, C, H, K).sum(dim=2)                           # [B, chunks, H, K]
+    slice_min = gamma_C.reshape(B, -1, H, K // 16, 16).amin(dim=-1)
+    takes_factored = slice_min >= -kernels_rwkv7.FACTORED_SPAN
+    assert bool(takes_factored.all() if factored else not takes_factored.any()), slice_min
 
 
 @pytest.mark.parametrize("chunk_size,T,K,V,gate", [(32, 45, 16, 32, "strong"), (64, 70, 16, 16, "weak")])
