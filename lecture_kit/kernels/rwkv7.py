@@ -111,8 +111,9 @@ Each matrix is A^{xy}_ij = Σ_d x_id y_jd e^{E_id − Γ_jd} with (x, y, E) = (r
 
     dx_id += Σ_j dA^{xy}_ij y_jd e^{E_id − Γ_jd}        dy_jd += Σ_i dA^{xy}_ij x_id e^{E_id − Γ_jd},
 
-taken by the two routes of phase 1, chosen per chunk and K slice by the same test: for mild gates
-(every Γ of the slice within [−FACTORED_SPAN, 0]) e^{E_i − Γ_j} = e^{E_i}·e^{−Γ_j}, so
+taken by phase 1's two routes, chosen per chunk and K slice by phase 1's test (at every chunk size,
+since the gradient kernel's slices are at least 16 channels wide): for mild gates (every Γ of the
+slice within [−FACTORED_SPAN, 0]) e^{E_i − Γ_j} = e^{E_i}·e^{−Γ_j}, so
 
     dx = e^{E} ⊙ (dA^{xy} (y ⊙ e^{−Γ}))                 dy = e^{−Γ} ⊙ (dA^{xy}ᵀ (x ⊙ e^{E})),
 
