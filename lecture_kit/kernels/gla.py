@@ -102,7 +102,8 @@ Kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
 * ``_chunk_grad_kernel`` — grid (K/BK, NT, B·H), every chunk and key tile in parallel.  One program
   computes the C×BK tiles of dq, dk and dg of one chunk (steps 8–9): the C×C score gradient dA and the
   state parts of dq and dk as sums over the V tiles, then the intra-chunk parts sub-chunk by
-  sub-chunk, then the cumsums of step 9.  dA stays in registers.
+  sub-chunk (the diagonal blocks on [c, c, BK] tiles, their dA formed again from the block's rows),
+  then the cumsums of step 9.  dA stays in registers.
 
 Forward: kernels 1, 2, 3.  A, the decayed operands and the chunk states are stored in the dtype in
 which the tensor-core products read them (bf16/fp16 for half inputs, fp32 otherwise), so storing
@@ -136,9 +137,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # timing a few configurations on the first
 # call for each (K, V, C, dtypes) on a GPU (its cost is part of the first call's compile time).  Under
 # the CPU interpreter exactly one configuration runs, with BK = BV = 16, which fits every K and V and
-# makes the small test sizes exercise the tiling over K and V.  Compiled offline for sm_90 (Triton 3.9,
-# bf16/fp16/fp32, K = V = 64..256, C ≤ 64), the gradient kernel's 8-warp configurations keep all in
-# registers (≤ 255, no spills, except fp32 with 2 stages); at C = 128 its C×C dA spills.
+# makes the small test sizes exercise the tiling over K and V.  Compiled offline for sm_90 (Triton 3.9),
+# the gradient kernel at the benchmark's shape (bf16, K = V = 128, C = 64, 8 warps, 1 stage) needs 226
+# registers and no stack; other K, V ∈ 64..256 and C ∈ {32, 64} spill at most 24 bytes (fp32 with 2
+# stages up to 200); at C = 128 its C×C dA spills.
 # ------------------------------------------------------------------------------------------------------
 def _configs(gpu_options):
     options = [(16, 4, 1)] if _INTERPRETED else gpu_options
@@ -484,31 +486,43 @@ def _chunk_grad_kernel(
         dk_i += k_fac * dk_I
         R += q_I.to(tl.float32) * dq_I - k_I.to(tl.float32) * dk_I               # the same pair terms
 
-    # diagonal sub-blocks, pairwise in fp32.  Iteration j pairs every row r with key
-    # s = (first row of r's sub-chunk) + j, kept when s ≤ r, for the dq terms ...
-    for j in range(c):
-        s = sub * c + j                                                          # [C]
-        tile_s = (i_c * C + s)[:, None] * (H * K) + d_k[None, :]
-        pair = ((s <= rows) & valid)[:, None]                                    # (then s is valid too)
-        k_s = tl.load(k + tile_s, mask=pair, other=0.0).to(tl.float32)
-        beta_s = tl.load(beta + tile_s, mask=pair, other=0.0)
-        decay = tl.where(pair, tl.exp(tl.where(pair, beta_i - beta_s, 0.0)), 0.0)   # masked before exp
-        dA_rs = tl.sum(tl.where(cols[None, :] == s[:, None], dA, 0.0), axis=1)   # [C]: dA[r, s(r)]
-        dq_rs = dA_rs[:, None] * k_s * decay
-        dq_i += dq_rs
-        R += q_i * dq_rs
-    # ... and the dk terms: row s meets query r = (first row of s's sub-chunk) + j, kept when r ≥ s
-    for j in range(c):
-        r = sub * c + j                                                          # [C]
-        tile_r = (i_c * C + r)[:, None] * (H * K) + d_k[None, :]
-        pair = ((r >= rows) & (i_c * C + r < T))[:, None]
-        q_r = tl.load(q + tile_r, mask=pair, other=0.0).to(tl.float32)
-        beta_r = tl.load(beta + tile_r, mask=pair, other=0.0)
-        decay = tl.where(pair, tl.exp(tl.where(pair, beta_r - beta_i, 0.0)), 0.0)   # masked before exp
-        dA_rs = tl.sum(tl.where(rows[:, None] == r[None, :], dA, 0.0), axis=0)   # [C]: dA[r(s), s]
-        dk_rs = dA_rs[:, None] * q_r * decay
-        dk_i += dk_rs
-        R -= k_i * dk_rs
+    # diagonal sub-blocks, pairwise in fp32, one sub-chunk I at a time on a [c, c, BK] tile indexed
+    # (r, s, d): P_rsd = dA_rs e^{β_rd − β_sd} for s ≤ r (masked before exp, the exponent clamped to
+    # ≤ 0 as in step 4), and dQ^intra_r += Σ_s P_rs ⊙ k_s, dK^intra_s += Σ_r P_rs ⊙ q_r share it.  The
+    # block's dA_II = scale · dO_I V_Iᵀ is formed again from the c rows (cache hits; the C×C dA above
+    # cannot be indexed by sub-chunk in registers), and the results are added to the sub-chunk's rows
+    # of dq, dk and R, viewed as [C/c, c, BK] (sub-chunk, row in it, channel) for the loop.
+    rows_c = tl.arange(0, c)
+    s_le_r = rows_c[None, :] <= rows_c[:, None]
+    sub_chunk = tl.arange(0, C // c)[:, None, None]
+    dq_i = tl.reshape(dq_i, [C // c, c, BK])
+    dk_i = tl.reshape(dk_i, [C // c, c, BK])
+    R = tl.reshape(R, [C // c, c, BK])
+    for I in range(C // c):
+        t_I = i_c * C + I * c + rows_c
+        valid_I = (t_I < T)[:, None]
+        tile_I = t_I[:, None] * (H * K) + d_k[None, :]
+        q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+        k_I = tl.load(k + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+        beta_I = tl.load(beta + tile_I, mask=valid_I, other=0.0)
+        dA_II = tl.zeros([c, c], dtype=tl.float32)
+        for i_v in range(V // BV):
+            tile_v = t_I[:, None] * (H * V) + (i_v * BV + tl.arange(0, BV))[None, :]
+            do_I = tl.load(do + tile_v, mask=valid_I, other=0.0)
+            v_I = tl.load(v + tile_v, mask=valid_I, other=0.0)
+            dA_II += _mm(do_I, tl.trans(v_I), q, DOT_PRECISION, EMULATE_BF16)
+        pair = (s_le_r & valid_I)[:, :, None]                                    # (then s is valid too)
+        exponent = tl.minimum(beta_I[:, None, :] - beta_I[None, :, :], 0.0)
+        P = scale * dA_II[:, :, None] * tl.exp(tl.where(pair, exponent, float("-inf")))   # [c, c, BK]
+        dq_I = tl.sum(P * k_I[None, :, :], axis=1)                               # Σ_s, [c, BK]
+        dk_I = tl.sum(P * q_I[:, None, :], axis=0)                               # Σ_r, [c, BK]
+        in_I = sub_chunk == I
+        dq_i += tl.where(in_I, dq_I[None, :, :], 0.0)
+        dk_i += tl.where(in_I, dk_I[None, :, :], 0.0)
+        R += tl.where(in_I, (q_I * dq_I - k_I * dk_I)[None, :, :], 0.0)       # the same pair terms
+    dq_i = tl.reshape(dq_i, [C, BK])
+    dk_i = tl.reshape(dk_i, [C, BK])
+    R = tl.reshape(R, [C, BK])
 
     # step 9: dg_t = Σ_{s ≥ t} R_s + Σ_{j < t} k_j ⊙ dk^inter_j + e^{b_C} ⊙ diag(dS' S_[i]ᵀ)
     dg_i = (tl.cumsum(R, axis=0, reverse=True) + tl.cumsum(k_dk_inter, axis=0) - k_dk_inter
