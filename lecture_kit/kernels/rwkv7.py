@@ -151,8 +151,9 @@ The backward launches four kernels:
 * ``_rwkv7_chunk_grad_kernel`` — grid ``(K / BK, number of chunks, B·H)``, all chunks in parallel:
   one program owns BK channels of one chunk; it sums the four dA's, the four state parts and
   diag(S₀ dS'ᵀ) over V tiles, then adds the pair parts (factored: eight fp32 products; pairwise: for
-  PAIRS partner rows m at a time, in [C, PAIRS, BK] tensors of ≤ 1024 elements, never the whole
-  [C, C, BK]), and finishes dw with the cumsums; it writes dr, dw, dk, da, db.
+  PAIRS partner rows m at a time, in [C, PAIRS, BK] tensors of 1024 elements (2048 at chunks 32
+  and 64, where PAIRS = 2 is the floor), never the whole [C, C, BK]), and finishes dw with the
+  cumsums; it writes dr, dw, dk, da, db.
 
 Memory.  Saved by the forward: the inputs (contiguous copies where the caller's are not, the initial
 state as fp32), nothing else.  Scratch of the backward per token and head, fp32: 4K + V + 4C (+ K/C)
@@ -384,12 +385,12 @@ def _chunk_operands(W, r_dec, k_dec, b_dec, g_last, A_qk, A_qb, rows, row_ok, i,
 def _walk_tiles_that_fit(configs, named_args, **kwargs):
     """The walks' (BV, num_warps) choices that fit: BV ≤ V, the [K, BV] fp32 state at ≤ 64
     registers a thread, and two pipeline stages (prefetching the next chunk's operands) only while
-    C·K ≤ 2048, beyond which they cost too much shared memory."""
+    C·K ≤ 2048, beyond which they cost too much shared memory.  BV = 16 at 2 or 4 warps always fits
+    (V ≥ 16, K ≤ 256), so some choice is always kept."""
     K, V, C = (({**named_args, **kwargs})[name] for name in ("K", "V", "C"))
     stages = 2 if C * K <= 2048 else 1
-    kept = [triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=stages) for cfg in configs
+    return [triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=stages) for cfg in configs
             if cfg.kwargs["BV"] <= V and K * cfg.kwargs["BV"] <= 64 * 32 * cfg.num_warps]
-    return kept or [triton.Config({"BV": 16}, num_warps=8, num_stages=stages)]
 
 
 # One program per (V-slice, batch·head) walks all chunks in order: B·H·V/BV programs in all, so the
@@ -825,7 +826,7 @@ def _backward_triton(r, w, k, v, a, b, scale, S_init, do, dS_final, C):
     # the small test sizes exercise the tiling over K and V.
     dr, dw, dk, da, db = (torch.empty_like(x) for x in (r, w, k, a, b))
     BK, BV = (16, 16) if _INTERPRETED else (min(K, 32 if C <= 32 else 16), min(V, 32))
-    pairs = max(2, 1024 // (C * BK))          # the [C, PAIRS, BK] pair products: ≤ 1024 elements
+    pairs = max(2, 1024 // (C * BK))          # [C, PAIRS, BK] pair products: 1024 elements, 2048 at C ≥ 32
     _rwkv7_chunk_grad_kernel[(K // BK, NT, B * H)](
         r, w, k, v, a, b, do, h, dh, pseudo, Y, dr, dw, dk, da, db, T, NT, float(scale),
         H=H, K=K, V=V, C=C, BK=BK, BV=BV, PAIRS=pairs, DOT_PRECISION=_dot_precision(v),
