@@ -9,7 +9,8 @@ A kernel at 255 registers with a non-zero STACK spills to local memory, and a pr
 many registers leaves few warps per SM to hide memory latency: both show up as slow kernels on the
 GPU, and both can be seen here first.  The presets are the bf16 shapes of
 ``benchmarks/bench_kernels.py`` (GLA H16 K=V=128, chunk 64; RWKV-7 H32 K=V=64, chunk 16) with the
-tiles the host code launches; the numbers quoted in the kernels' comments come from this script.
+tiles the host code launches.  The numbers quoted in the kernels' comments come from ``resource_usage``
+here: at these presets, or at the other shapes and tiles a comment names (pass them to it).
 """
 from __future__ import annotations
 
