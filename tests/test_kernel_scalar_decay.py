@@ -182,6 +182,26 @@ def test_gradient_without_final_state():
         assert_close(f"d{n}", got, ref, GRAD_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mixer,G", [("retnet", None), ("ssd", 2)])
+def test_gradients_without_the_decays(mixer, G):
+    """With a fixed decay (and Δ) the kernel skips the decay-gradient terms: the other gradients
+    must be exactly those of the full backward, whose decay gradients are checked above."""
+    args = make_inputs(mixer, B=1, T=70, G=G, dtype=torch.bfloat16, gate="strong")
+    names = ("q", "k", "v", "initial_state")
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(args["v"].shape, generator=g).to(torch.bfloat16).to(DEVICE)
+
+    def grads(decays_too):
+        learn = names + (("log_decay", "dt") if decays_too and mixer == "ssd" else
+                         ("log_decay",) if decays_too else ())
+        leaves = {n: args[n].clone().requires_grad_() for n in learn}
+        o, _ = kernel({**args, **leaves}, 16)
+        return torch.autograd.grad((o.float() * do.float()).sum(), [leaves[n] for n in names])
+
+    for n, full, skipped in zip(names, grads(True), grads(False)):
+        assert torch.equal(full, skipped), n
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a ValueError that names the problem, never a Triton crash
 # ------------------------------------------------------------------------------------------------

@@ -90,20 +90,25 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .._validate import Signature  # noqa: E402
+from ..hardware import check_kernel_dtype  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETED)       # the same flag, readable inside the kernels
 
 # Tile sizes over the key and value dims (BT is the chunk size).  With them the bf16/fp16 kernels
 # compile for sm_90 without register spills (checked with cuobjdump's resource usage under Triton
-# 3.9; the autotuned 8-warp configurations), except the backward at chunk 128, which spills a little;
-# fp32 (the exact-test path) spills at chunk 128.  The states kernel uses narrow value tiles because
-# it is the sequential part: more, smaller programs hide its latency better.
-def _tiles(kernel: str, K: int, V: int, BT: int) -> tuple[int, int]:
+# 3.9, tools/register_report.py; the autotuned 8-warp configurations), except the backward at
+# chunk 128, which spills a little; fp32 (the exact-test path) spills at chunk 128.  The states
+# kernel uses narrow value tiles because it is the sequential part: more, smaller programs hide its
+# latency better.  The output kernel takes up to 128 values of 16-bit inputs at once, so that each
+# (chunk, head) forms its BT×BT scores Q Kᵀ once rather than once per 64 values.
+def _tiles(kernel: str, K: int, V: int, BT: int, dtype: torch.dtype) -> tuple[int, int]:
     if kernel == "states":
         return min(K, 64), min(V, 32)
     if kernel == "grad" and BT == 128:
         return min(K, 32), min(V, 32)
+    if kernel == "output" and BT <= 64 and dtype != torch.float32:
+        return min(K, 64), min(V, 128)
     return min(K, 64), min(V, 64)
 
 
@@ -125,18 +130,21 @@ def _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT: tl.constexpr, HA
 
     l_t = Δ_t · log_decay[h] and w_t = Δ_t when ``HAS_DT``; otherwise l_t = log_decay[h] and w_t = 1.
     Rows past T get l = 0 and w = 0, so Λ stays flat there and Λ[BT−1] is the true chunk total.
+    A constant decay (RetNet) needs no scan: Λ_i = (i + 1) · log γ, one product per row, which is
+    also exact to one rounding where a running sum would round at every step.
     """
-    rows = t0 + tl.arange(0, BT)
-    valid = rows < T
+    i = tl.arange(0, BT)
+    valid = t0 + i < T
     a = tl.load(log_decay_ptr + h).to(tl.float32)
     if HAS_DT:
-        w = tl.load(dt_ptr + (b * T + rows) * H + h, mask=valid, other=0.0).to(tl.float32)
-        l = w * a
+        w = tl.load(dt_ptr + (b * T + t0 + i) * H + h, mask=valid, other=0.0).to(tl.float32)
+        lam = tl.cumsum(w * a, axis=0)
+        lam_last = tl.sum(tl.where(i == BT - 1, lam, 0.0), axis=0)
     else:
+        n_valid = tl.minimum(T - t0, BT)
         w = tl.where(valid, 1.0, 0.0)
-        l = tl.where(valid, a, 0.0)
-    lam = tl.cumsum(l, axis=0)
-    lam_last = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, lam, 0.0), axis=0)
+        lam = (tl.minimum(i, n_valid - 1) + 1).to(tl.float32) * a
+        lam_last = n_valid.to(tl.float32) * a
     return lam, lam_last, w
 
 
@@ -200,6 +208,15 @@ def _store_tile(ptr, x, r0, c0, n_rows, row_stride, BR: tl.constexpr, BC: tl.con
     cols = c0 + tl.arange(0, BC)
     tl.store(ptr + rows[:, None] * row_stride + cols[None, :], _cast(x, ptr.dtype.element_ty),
              mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _add_tile(ptr, x, r0, c0, n_rows, row_stride, BR: tl.constexpr, BC: tl.constexpr):
+    """Add the fp32 BR×BC tile x into the fp32 matrix at (r0, c0) with atomic adds (several
+    programs add into the same rows), dropping rows past the end."""
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    tl.atomic_add(ptr + rows[:, None] * row_stride + cols[None, :], x, mask=rows[:, None] < n_rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,20 +335,22 @@ def _chunk_output_kernel(
 # Backward: the gradients inside each chunk
 # ------------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs((4, 2), (8, 1), (8, 2)), key=["BT", "BK", "BV", "HAS_DT", "HAS_D"])
+@triton.autotune(configs=_configs((4, 2), (8, 1), (8, 2)),
+                 key=["BT", "BK", "BV", "HAS_DT", "HAS_D", "DECAY_GRAD", "SUM_HEADS"])
 @triton.jit
 def _chunk_grad_kernel(
     q_ptr, k_ptr, v_ptr, dt_ptr, log_decay_ptr, D_ptr,
     states_ptr,                     # [B,H,NT,K,V] H_{n−1}, the state entering chunk n
     dstates_ptr,                    # [B,H,NT,K,V] dH_n, the gradient of the state leaving chunk n
     do_ptr,                         # [B,T,H,V]
-    dq_ptr, dk_ptr,                 # [B,T,H,K] fp32 out, per head (PyTorch sums the heads of a group)
+    dq_ptr, dk_ptr,                 # [B,T,G,K] out: q's dtype, or fp32 summed over a group (SUM_HEADS)
     dv_ptr,                         # [B,T,H,V] out
-    dl_ptr, dw_ptr,                 # [B,T,H] fp32 out: dL/dl_t and dL/dw_t per token
+    dl_ptr, dw_ptr,                 # [B,T,H] fp32 out: dL/dl_t and dL/dw_t per token (if DECAY_GRAD)
     dD_ptr,                         # [B,NT,H,V] fp32 out: this chunk's Σ_t do_t ∘ v_t (if HAS_D)
     T, H, G, K, V, NT, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DT: tl.constexpr, HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DT: tl.constexpr, HAS_D: tl.constexpr, DECAY_GRAD: tl.constexpr, SUM_HEADS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """All gradients of chunk n of one (b, h) (formulas in the module docstring).
 
@@ -345,7 +364,12 @@ def _chunk_grad_kernel(
     and those of the per-token decay and weight
         dL/dl_t = Σ_{i ≥ t in the chunk} (q_i·dq_i − k_i·dk_i)  +  ⟨dH_n, H_n⟩,     dL/dw_j = k_j·dk̃_j
     (the chunk-local form of the module docstring's identity: paths that leave the chunk are all
-    summarised by ⟨dH_n, H_n⟩, so no sum runs over the whole sequence).
+    summarised by ⟨dH_n, H_n⟩, so no sum runs over the whole sequence).  Those two are formed only
+    when the decay or Δ needs a gradient (``DECAY_GRAD``): RetNet's fixed γ needs neither.
+
+    When the H/G heads of a group share q and k (``SUM_HEADS``, SSD's B and C), their dq and dk add
+    up: each program adds its head's share into one fp32 [B, T, G, K] buffer (atomic adds, which
+    the host casts once); with one head per group the gradients are stored in q's dtype directly.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -354,7 +378,7 @@ def _chunk_grad_kernel(
     q_base = q_ptr + (b * T * G + g) * K          # [T, K] views of group g: row stride G·K
     k_base = k_ptr + (b * T * G + g) * K
     v_base = (b * T * H + h) * V                  # [T, V] views of head h: row stride H·V
-    dqk_base = (b * T * H + h) * K                # [T, K] views of head h: row stride H·K
+    dqk_base = (b * T * G + g) * K                # [T, K] views of group g in dq, dk: row stride G·K
     h_base = states_ptr + ((b * H + h) * NT + n) * K * V
     dh_base = dstates_ptr + ((b * H + h) * NT + n) * K * V
 
@@ -373,10 +397,6 @@ def _chunk_grad_kernel(
     lam, lam_last, w = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
     L = _decay_mask(lam, BT)
     dA = scale * dP * L
-    # The decay gradients need Σ_j dA_ij (q_i·k_j) w_j and its column sums.  They are formed here,
-    # in fp32 from the unrounded scores, rather than from q·dq − k·dk with dq and dk from rounded
-    # matmul operands: in bf16 that difference cancels badly (≈10× larger errors in dA).
-    dA_P = dA * P
     # the three BT×BT matmul operands, rounded once to the input dtype
     A_t = _cast(tl.trans(scale * P * L), q_ptr.dtype.element_ty)
     dA_w = _cast(dA * w[None, :], q_ptr.dtype.element_ty)
@@ -404,11 +424,16 @@ def _chunk_grad_kernel(
         _store_tile(dv_ptr + v_base, dv, t0, i_v * BV, T, H * V, BT, BV)
 
     # dq and dk, one K tile at a time, and the two per-token scalars
-    # q_i·dq_i − k_i·dk_i and k_j·dk̃_j: first their intra-chunk parts, then the state parts
-    r = tl.sum(dA_P * w[None, :], axis=1) - w * tl.sum(dA_P, axis=0)
-    dw = tl.sum(dA_P, axis=0)
-    h_dh = tl.zeros([BK], dtype=tl.float32)              # ⟨dH_n, H_{n−1}⟩, summed over V as we go
-    k_dk_state_total = tl.zeros([BT], dtype=tl.float32)  # Σ_j k_j·(the dH_n part of dk_j)
+    # q_i·dq_i − k_i·dk_i and k_j·dk̃_j: first their intra-chunk parts, then the state parts.
+    # The intra parts need Σ_j dA_ij (q_i·k_j) w_j and its column sums.  They are formed here, in
+    # fp32 from the unrounded scores, rather than from q·dq − k·dk with dq and dk from rounded
+    # matmul operands: in bf16 that difference cancels badly (≈10× larger errors in dA).
+    if DECAY_GRAD:
+        dA_P = dA * P
+        r = tl.sum(dA_P * w[None, :], axis=1) - w * tl.sum(dA_P, axis=0)
+        dw = tl.sum(dA_P, axis=0)
+        h_dh = tl.zeros([BK], dtype=tl.float32)              # ⟨dH_n, H_{n−1}⟩, summed over V
+        k_dk_state_total = tl.zeros([BT], dtype=tl.float32)  # Σ_j k_j·(the dH_n part of dk_j)
     for i_k in range(0, tl.cdiv(K, BK)):
         q = _tile(q_base, t0, i_k * BK, T, G * K, BT, BK)
         k = _tile(k_base, t0, i_k * BK, T, G * K, BT, BK)
@@ -421,27 +446,35 @@ def _chunk_grad_kernel(
             dhT = _tile_t(dh_base, i_k * BK, i_v * BV, K, V, BK, BV)
             dq_state += _dot(do, hT, DOT_PRECISION)
             dk_state += _dot(v, dhT, DOT_PRECISION)
-            h_dh += tl.sum(hT.to(tl.float32) * dhT.to(tl.float32), axis=0)
+            if DECAY_GRAD:
+                h_dh += tl.sum(hT.to(tl.float32) * dhT.to(tl.float32), axis=0)
         dq_state = scale * to_start[:, None] * dq_state
         dk_state = to_end[:, None] * dk_state
         dq = _dot(dA_w, k, DOT_PRECISION) + dq_state
         dk_tilde = _dot(dA_t, q, DOT_PRECISION) + dk_state
         dk = w[:, None] * dk_tilde
-        k_dk_state = tl.sum(k.to(tl.float32) * dk_state, axis=1)
-        r += tl.sum(q.to(tl.float32) * dq_state, axis=1) - w * k_dk_state
-        dw += k_dk_state
-        k_dk_state_total += w * k_dk_state
-        _store_tile(dq_ptr + dqk_base, dq, t0, i_k * BK, T, H * K, BT, BK)
-        _store_tile(dk_ptr + dqk_base, dk, t0, i_k * BK, T, H * K, BT, BK)
+        if DECAY_GRAD:
+            k_dk_state = tl.sum(k.to(tl.float32) * dk_state, axis=1)
+            r += tl.sum(q.to(tl.float32) * dq_state, axis=1) - w * k_dk_state
+            dw += k_dk_state
+            k_dk_state_total += w * k_dk_state
+        if SUM_HEADS:
+            _add_tile(dq_ptr + dqk_base, dq, t0, i_k * BK, T, G * K, BT, BK)
+            _add_tile(dk_ptr + dqk_base, dk, t0, i_k * BK, T, G * K, BT, BK)
+        else:
+            _store_tile(dq_ptr + dqk_base, dq, t0, i_k * BK, T, G * K, BT, BK)
+            _store_tile(dk_ptr + dqk_base, dk, t0, i_k * BK, T, G * K, BT, BK)
 
-    # dL/dl_t = Σ_{i ≥ t in the chunk} dL/dΛ_i, with dL/dΛ_i = r_i and, for the chunk's last row,
-    # also ⟨dH_n, H_n⟩ = exp(Λ_last) ⟨dH_n, H_{n−1}⟩ + Σ_j k_j·(the dH_n part of dk_j)
-    h_n_dh_n = tl.exp(tl.minimum(lam_last, 0.0)) * tl.sum(h_dh, axis=0) + tl.sum(k_dk_state_total, axis=0)
-    dl = tl.cumsum(r, axis=0, reverse=True) + h_n_dh_n
-    rows = t0 + tl.arange(0, BT)
-    token = (b * T + rows) * H + h
-    tl.store(dl_ptr + token, dl, mask=rows < T)
-    tl.store(dw_ptr + token, dw, mask=rows < T)
+    if DECAY_GRAD:
+        # dL/dl_t = Σ_{i ≥ t in the chunk} dL/dΛ_i, with dL/dΛ_i = r_i and, for the chunk's last
+        # row, also ⟨dH_n, H_n⟩ = exp(Λ_last) ⟨dH_n, H_{n−1}⟩ + Σ_j k_j·(the dH_n part of dk_j)
+        h_n_dh_n = (tl.exp(tl.minimum(lam_last, 0.0)) * tl.sum(h_dh, axis=0)
+                    + tl.sum(k_dk_state_total, axis=0))
+        dl = tl.cumsum(r, axis=0, reverse=True) + h_n_dh_n
+        rows = t0 + tl.arange(0, BT)
+        token = (b * T + rows) * H + h
+        tl.store(dl_ptr + token, dl, mask=rows < T)
+        tl.store(dw_ptr + token, dw, mask=rows < T)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,7 +491,7 @@ def _states(x, y, dt, log_decay, first, *, scale, chunk_size, reverse, store_las
     B, T, G, K = x.shape
     H, V = y.shape[2], y.shape[3]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = _tiles("states", K, V, chunk_size)
+    BK, BV = _tiles("states", K, V, chunk_size, x.dtype)
     states = x.new_empty(B, H, NT, K, V)
     last = x.new_empty(B, H, K, V, dtype=torch.float32) if store_last else None
     grid = (K // BK, V // BV, B * H)
@@ -476,7 +509,7 @@ def _forward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output
     B, T, G, K = q.shape
     H, V = v.shape[2], v.shape[3]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = _tiles("output", K, V, chunk_size)
+    BK, BV = _tiles("output", K, V, chunk_size, q.dtype)
     # steps 2 + 3
     states, final = _states(k, v, dt, log_decay, initial_state, scale=scale, chunk_size=chunk_size,
                             reverse=False, store_last=output_final_state)
@@ -492,38 +525,41 @@ def _forward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output
     return o, final
 
 
-def _backward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, do, dfinal):
+def _backward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, do, dfinal, decay_grad):
+    """All input gradients; those of log_decay and dt (None) are skipped unless ``decay_grad``."""
     B, T, G, K = q.shape
     H, V = v.shape[2], v.shape[3]
     NT = triton.cdiv(T, chunk_size)
-    BK, BV = _tiles("grad", K, V, chunk_size)
+    BK, BV = _tiles("grad", K, V, chunk_size, q.dtype)
     # recompute the states entering each chunk
     states, _ = _states(k, v, dt, log_decay, initial_state, scale=scale, chunk_size=chunk_size,
                         reverse=False, store_last=False)
     # the adjoint recurrence: dH_n leaving each chunk, and dH_{-1} = d initial_state
     dstates, dinitial = _states(q, do, dt, log_decay, dfinal, scale=scale, chunk_size=chunk_size,
                                 reverse=True, store_last=True)
-    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dk = torch.empty_like(dq)
+    sum_heads = G < H                   # the heads of a group share q and k: their gradients add up
+    dq = torch.zeros_like(q, dtype=torch.float32) if sum_heads else torch.empty_like(q)
+    dk = torch.zeros_like(dq) if sum_heads else torch.empty_like(k)
     dv = torch.empty_like(v)
-    dl = q.new_empty(B, T, H, dtype=torch.float32)
-    dw = torch.empty_like(dl)
+    dl = q.new_empty(B, T, H, dtype=torch.float32) if decay_grad else None
+    dw = torch.empty_like(dl) if decay_grad else None
     dD = q.new_empty(B, NT, H, V, dtype=torch.float32) if D is not None else None
+    unused = dv                         # any tensor: a pointer the kernel never dereferences
     _chunk_grad_kernel[(NT, B * H)](
         q, k, v, dt if dt is not None else log_decay, log_decay, D if D is not None else log_decay,
-        states, dstates, do, dq, dk, dv, dl, dw, dD if D is not None else dl,
+        states, dstates, do, dq, dk, dv, dl if decay_grad else unused, dw if decay_grad else unused,
+        dD if D is not None else unused,
         T, H, G, K, V, NT, scale,
         BT=chunk_size, BK=BK, BV=BV, HAS_DT=dt is not None, HAS_D=D is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DECAY_GRAD=decay_grad, SUM_HEADS=sum_heads, DOT_PRECISION=_dot_precision(q.dtype),
     )
-    # the heads of a group share q and k: their gradients add up
-    dq = dq.view(B, T, G, H // G, K).sum(3)
-    dk = dk.view(B, T, G, H // G, K).sum(3)
-    if dt is not None:
+    dq, dk = dq.to(q.dtype), dk.to(k.dtype)         # no-ops unless the heads were summed in fp32
+    dlog_decay = ddt = None
+    if decay_grad and dt is not None:
         dlog_decay = (dl * dt.float()).sum((0, 1))
         ddt = dl * log_decay.float() + dw
-    else:
-        dlog_decay, ddt = dl.sum((0, 1)), None
+    elif decay_grad:
+        dlog_decay = dl.sum((0, 1))
     if D is not None:
         dD = dD.sum((0, 1))                                                   # [H, V]
     return dq, dk, dv, dlog_decay, ddt, dD, dinitial
@@ -545,10 +581,11 @@ class _ScalarDecayChunked(torch.autograd.Function):
         q, k, v, log_decay, dt, D, initial_state = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dfinal = None if dfinal is None else dfinal.float().contiguous()
+        decay_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]      # log_decay, dt
         dq, dk, dv, dlog_decay, ddt, dD, dinitial = _backward(
-            q, k, v, log_decay, dt, D, initial_state, ctx.scale, ctx.chunk_size, do, dfinal)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dlog_decay,
-                None if dt is None else ddt.to(dt.dtype), dD,
+            q, k, v, log_decay, dt, D, initial_state, ctx.scale, ctx.chunk_size, do, dfinal,
+            decay_grad)
+        return (dq, dk, dv, dlog_decay, None if ddt is None else ddt.to(dt.dtype), dD,
                 None if initial_state is None else dinitial, None, None, None)
 
 
@@ -598,6 +635,7 @@ def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise sig.error(f"q, k, v have dtype {q.dtype}; the Triton kernel takes float16, bfloat16 or "
                         f"float32 (fp64 runs through the PyTorch forms in ssd.py / retnet.py)")
+    check_kernel_dtype("scalar_decay_chunked", "q", q)
     if chunk_size not in _CHUNK_SIZES:
         raise sig.error(f"chunk_size must be one of {_CHUNK_SIZES}, got {chunk_size!r}")
     scale = sig.scalar("scale", scale)
