@@ -14,14 +14,16 @@ here: at these presets, or at the other shapes and tiles a comment names (pass t
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
 import tempfile
+import types
 
-os.environ.pop("TRITON_INTERPRET", None)          # compile for real, even on a machine without CUDA
+os.environ["TRITON_INTERPRET"] = "0"          # compile for real, even on a machine without CUDA
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -32,10 +34,17 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def resource_usage(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 1) -> str:
-    """'REG:n STACK:m SHARED:s' of one compiled specialisation (autotuned kernels: the given config)."""
+    """'REG:n STACK:m SHARED:s' of one compiled specialisation (autotuned kernels: the given config).
+
+    A type written with a ``:16`` suffix (``"*bf16:16"``, ``"i32:16"``) marks the argument as a
+    multiple of 16 (a pointer aligned to 16 bytes), which is what Triton's JIT assumes of such
+    values at run time and what lets it vectorise loads whose strides are runtime integers."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    source = ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in constexprs}},
-                       constexprs=constexprs)
+    types_ = {name: kind.split(":")[0] for name, kind in signature.items()}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, kind in signature.items() if kind.endswith(":16")}
+    source = ASTSource(fn=fn, signature={**types_, **{name: "constexpr" for name in constexprs}},
+                       constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -46,17 +55,46 @@ def resource_usage(kernel, signature: dict, constexprs: dict, num_warps: int, nu
 
 
 def kernel_module(name):
-    """lecture_kit/kernels/<name>.py loaded on its own: importing the package would set
-    TRITON_INTERPRET=1 on a machine without CUDA, and the kernels would not compile."""
-    spec = importlib.util.spec_from_file_location(f"kernels_{name}", os.path.join(KERNELS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """lecture_kit.kernels.<name>, imported without running lecture_kit/__init__.py: that would set
+    TRITON_INTERPRET=1 on a machine without CUDA, and the kernels would not compile.  An empty
+    package object stands in for lecture_kit, so the kernels' relative imports still resolve."""
+    if "lecture_kit" not in sys.modules:
+        package = types.ModuleType("lecture_kit")
+        package.__path__ = [os.path.dirname(KERNELS)]
+        sys.modules["lecture_kit"] = package
+    return importlib.import_module(f"lecture_kit.kernels.{name}")
 
 
 def presets():
     """(name, kernel, signature, constexprs, num_warps, num_stages) for the benchmark shapes."""
-    gla, rwkv7 = kernel_module("gla"), kernel_module("rwkv7")
+    gla, rwkv7, scalar = kernel_module("gla"), kernel_module("rwkv7"), kernel_module("scalar_decay")
+    # the scalar-decay kernels take their sizes at run time: aligned pointers and sizes as the JIT sees them
+    sizes = dict(T="i32:16", H="i32:16", G="i32", K="i32:16", V="i32:16", NT="i32:16", scale="fp32")
+    f32, bf16 = "*fp32:16", "*bf16:16"
+    states = dict(x_ptr=bf16, y_ptr=bf16, dt_ptr=f32, log_decay_ptr=f32, first_ptr=f32, states_ptr=bf16,
+                  last_ptr=f32, **sizes)
+    for mixer, has_dt in (("retnet", False), ("ssd", True)):
+        bk, bv = scalar._tiles("states", 128, 128 if mixer == "retnet" else 64, 64, None)
+        for warps, stages in ((4, 2), (4, 3), (8, 2)):
+            yield (f"{mixer} states BK={bk} BV={bv}", scalar._chunk_states_kernel, states,
+                   dict(BT=64, BK=bk, BV=bv, HAS_DT=has_dt, HAS_FIRST=False, STORE_LAST=False, REVERSE=False,
+                        DOT_PRECISION="tf32"), warps, stages)
+    output = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, dt_ptr=f32, log_decay_ptr=f32, states_ptr=bf16, D_ptr=f32,
+                  o_ptr=bf16, **sizes)
+    for mixer, has_dt, V in (("retnet", False, 128), ("ssd", True, 64)):
+        bk, bv = scalar._tiles("output", 128, V, 64, torch.bfloat16)
+        for warps, stages in ((4, 2), (8, 2), (8, 3)):
+            yield (f"{mixer} output BV={bv}", scalar._chunk_output_kernel, output,
+                   dict(BT=64, BK=bk, BV=bv, HAS_DT=has_dt, HAS_D=has_dt, DOT_PRECISION="tf32"), warps, stages)
+    grad = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, dt_ptr=f32, log_decay_ptr=f32, D_ptr=f32, states_ptr=bf16,
+                dstates_ptr=bf16, do_ptr=bf16, dq_ptr=bf16, dk_ptr=bf16, dv_ptr=bf16, dl_ptr=f32, dw_ptr=f32,
+                dD_ptr=f32, **sizes)
+    for mixer, has_dt, V in (("retnet", False, 128), ("ssd", True, 64)):
+        for warps, stages in ((4, 2), (8, 1), (8, 2)):
+            yield (f"{mixer} grad", scalar._chunk_grad_kernel,
+                   grad | (dict(dq_ptr=f32, dk_ptr=f32) if has_dt else {}),
+                   dict(BT=64, BK=64, BV=64, HAS_DT=has_dt, HAS_D=has_dt, DECAY_GRAD=has_dt, SUM_HEADS=has_dt,
+                        DOT_PRECISION="tf32"), warps, stages)
     f32, bf16 = "*fp32", "*bf16"
     half = dict(DOT_PRECISION="tf32", EMULATE_BF16=False)
     intra = dict(q=bf16, k=bf16, g=f32, A=bf16, q_dec=bf16, k_dec=bf16, decay_C=f32, beta=f32, T="i32", NT="i32")
