@@ -3,7 +3,8 @@
     source .whl/env.sh && python3 benchmarks/bench_kernels.py [--out benchmarks/results/h200.json]
 
 For T in {1K, 2K, 4K, 8K, 16K, 32K} with B = max(1, 16K / T), bf16 inputs, it times, per mixer:
-  lecture_kit ``kernel`` (Triton) and ``chunked`` (PyTorch), and the peer kernels of
+  lecture_kit ``kernel`` (Triton; also with its value checks off, which removes a device sync) and
+  ``chunked`` (PyTorch), and the peer kernels of
   flash-linear-attention: ``chunk_simple_gla`` for SSD (q=C, k=B, v=x·dt, g=A·dt, scale 1, then
   + D·x) and with the RetNet decays, ``chunk_retention``, ``chunk_gla``, ``chunk_rwkv7`` (the layer's
   settings: w = −e^{−1/2}·σ(·), lower_bound), and causal SDPA (H16, D128) as the attention baseline.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from lecture_kit._validate import set_value_checks
 from lecture_kit.testing import mixer as mixer_module
 
 DT = torch.bfloat16
@@ -129,7 +131,17 @@ def ours(form):
         if form == "chunked" and name == "rwkv7":
             m = lambda *a, _m=m, **k: _m(*a, **k, chunk_size=16)
         out[(name, f"lecture_kit {form}")] = (None, lambda d, fn=fn, m=m: fn(m, d))
+        if form == "kernel":
+            out[(name, "lecture_kit kernel unchecked")] = (None, lambda d, fn=fn, m=m: unchecked(fn, m, d))
     return out
+
+
+def unchecked(fn, m, d):
+    """The call without its value checks (lecture_kit.set_value_checks): no device sync, as a
+    layer whose gates are valid by construction would run it, and as the peers (which check
+    nothing) always run."""
+    with set_value_checks(False):
+        return fn(m, d)
 
 
 BUILDERS = {"ssd": ssd_inputs, "retnet": retnet_inputs, "gla": gla_inputs, "rwkv7": rwkv7_inputs,
@@ -202,6 +214,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     parser.add_argument("--mixers", nargs="*", default=["ssd", "retnet", "gla", "rwkv7", "attention"])
     parser.add_argument("--no-chunked", action="store_true", help="skip the PyTorch chunked forms")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="time lecture_kit alone (skips fla's first-call autotuning, minutes per shape)")
     parser.add_argument("--merge", nargs="+", metavar="RUN.json",
                         help="combine the results of several runs (each keeps its own meta) into --out")
     args = parser.parse_args()
@@ -212,12 +226,13 @@ def main():
     impls.update(ours("kernel"))
     if not args.no_chunked:
         impls.update(ours("chunked"))
-    try:
-        impls.update(fla_ops())
-    except Exception as e:  # noqa: BLE001
-        print(f"flash-linear-attention unavailable: {e}")
-    impls[("attention", "torch SDPA causal")] = (None, lambda d: F.scaled_dot_product_attention(
-        d["q"], d["k"], d["v"], is_causal=True))
+    if not args.no_peers:
+        try:
+            impls.update(fla_ops())
+        except Exception as e:  # noqa: BLE001
+            print(f"flash-linear-attention unavailable: {e}")
+        impls[("attention", "torch SDPA causal")] = (None, lambda d: F.scaled_dot_product_attention(
+            d["q"], d["k"], d["v"], is_causal=True))
 
     meta = device_info() | ceilings()
     print(json.dumps(meta, indent=1))

@@ -11,6 +11,40 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+_value_checks = True
+
+
+class set_value_checks:
+    """Turn the checks of input *values* on or off: ``lecture_kit.set_value_checks(False)``, or
+    for a block of code ``with lecture_kit.set_value_checks(False): ...``.
+
+    Shapes, dtypes and devices are always checked; they cost nothing.  Values (a log-decay ≤ 0,
+    Δ ≥ 0) are checked by default, which takes one reduction and one device→host copy per checked
+    tensor: on a GPU that synchronises with the device before every kernel launch, so the CPU can
+    no longer queue work ahead of the GPU, which costs a microsecond-scale kernel a large fraction
+    of its time.  Code whose inputs are valid by construction (a gate made by ``logsigmoid``) can
+    switch the checks off, as ``torch.distributions`` lets one switch off ``validate_args``.  They
+    are also skipped while ``torch.compile`` traces a function (a sync would break the graph).
+    """
+
+    def __init__(self, enabled: bool):
+        global _value_checks
+        if not isinstance(enabled, bool):
+            raise ValueError(f"set_value_checks: enabled must be True or False, got {enabled!r}")
+        self.previous, _value_checks = _value_checks, enabled
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _value_checks
+        _value_checks = self.previous
+
+
+def value_checks_enabled() -> bool:
+    """Whether values are checked now (see :class:`set_value_checks`)."""
+    return _value_checks and not torch.compiler.is_compiling()
+
 
 class Signature:
     """Binds dimension names to sizes across the arguments of one call.
@@ -91,17 +125,17 @@ class Signature:
 
     def nonpositive(self, name: str, t: torch.Tensor, what: str = "a log-decay") -> None:
         """Log-decays must be <= 0 (decays in (0, 1]); NaN fails too (a NaN maximum compares false).
-        One reduction and one device sync: this runs before every kernel launch."""
-        if t.numel() and not bool(t.amax() <= 0):
+        One reduction and one device sync, unless value checks are off (:class:`set_value_checks`)."""
+        if value_checks_enabled() and t.numel() and not bool(t.amax() <= 0):
             raise self.error(f"{name} is {what} and must be <= 0 everywhere "
                              f"(max {t.max().item():.3g}); pass log(decay), e.g. -softplus(.) or logsigmoid(.)")
 
     def nonnegative(self, name: str, t: torch.Tensor) -> None:
-        if t.numel() and not bool(t.amin() >= 0):
+        if value_checks_enabled() and t.numel() and not bool(t.amin() >= 0):
             raise self.error(f"{name} must be >= 0 everywhere (min {t.min().item():.3g})")
 
     def negative(self, name: str, t: torch.Tensor) -> None:
-        if t.numel() and not bool(t.amax() < 0):
+        if value_checks_enabled() and t.numel() and not bool(t.amax() < 0):
             raise self.error(f"{name} must be < 0 everywhere (max {t.max().item():.3g}); "
                              f"Mamba-2 parametrises it as A = -exp(A_log)")
 
