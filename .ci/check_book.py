@@ -2,7 +2,12 @@
 
 Run after ``jupyter-book build .`` (``.ci/build_book.sh`` does both):
 
-    python .ci/check_book.py [--log _build/book-build.log] [--html _build/html]
+    python .ci/check_book.py [--log _build/book-build.log] [--html _build/html] [--local-widgets]
+
+It also checks that the site is self-contained, so that it reads offline: every page loads its
+scripts and stylesheets from the site itself, each of them exists, every page with math loads
+MathJax from ``_static/mathjax`` (fonts included), and every page with widgets loads the widget
+loader; with ``--local-widgets`` the files that loader looks for in ``_static/widgets`` exist.
 
 Exit status 0 when all checks pass, 1 otherwise; one line per check either way.
 """
@@ -25,6 +30,13 @@ FAILURE_PATTERNS = [
 ]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TIMING = re.compile(r"([\w/.-]+\.ipynb).*?Executed notebook in ([0-9.]+) seconds")
+# What a page loads: <script src=...> and <link rel="stylesheet" href=...>.
+SCRIPT_SRC = re.compile(r"<script\b[^>]*?\bsrc=\"([^\"]+)\"")
+STYLESHEET = re.compile(r"<link\b(?=[^>]*\brel=\"stylesheet\")[^>]*?\bhref=\"([^\"]+)\"")
+REMOTE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)
+# The files that book/_static/widget-manager.js loads from _static/widgets/ (its npm/file lines).
+WIDGET_PACKAGE = re.compile(r"npm: \"([^\"]+)\", file: \"([^\"]+)\"")
+MATHJAX_FONTS = Path("_static/mathjax/output/chtml/fonts/woff-v2")
 
 
 def toc_files(toc: dict) -> list[str]:
@@ -46,11 +58,55 @@ def toc_files(toc: dict) -> list[str]:
     return [re.sub(r"\.(md|ipynb|rst)$", "", f) for f in files]
 
 
+def check_assets(html_dir: Path, docs: list[str], local_widgets: bool) -> list[str]:
+    """Problems that would keep the built site from working offline (see the module docstring)."""
+    problems: list[str] = []
+    math_pages = widget_pages = 0
+    for doc in docs:
+        page = html_dir / f"{doc}.html"
+        if not page.is_file():
+            continue                                # reported as a missing page already
+        html = page.read_text(encoding="utf8", errors="replace")
+        scripts = SCRIPT_SRC.findall(html)
+        for url in scripts + STYLESHEET.findall(html):
+            if REMOTE.match(url):
+                problems.append(f"{doc}.html loads {url} from another site (offline it would fail)")
+            elif not (page.parent / url.split("?")[0].split("#")[0]).is_file():
+                problems.append(f"{doc}.html loads {url}, which the site does not have")
+        if 'class="math' in html:
+            math_pages += 1
+            if not any("_static/mathjax/" in url for url in scripts):
+                problems.append(f"{doc}.html has math but does not load MathJax from _static/mathjax")
+        if "application/vnd.jupyter.widget-state+json" in html:
+            widget_pages += 1
+            if not any(url.split("?")[0].endswith("_static/widget-manager.js") for url in scripts):
+                problems.append(f"{doc}.html has widgets but does not load _static/widget-manager.js")
+    if math_pages and not any((html_dir / MATHJAX_FONTS).glob("*.woff")):
+        problems.append(f"no MathJax fonts in {html_dir / MATHJAX_FONTS}")
+
+    source = "the CDN (not fetched: see the build log)"
+    if local_widgets:
+        loader = html_dir / "_static" / "widget-manager.js"
+        files = WIDGET_PACKAGE.findall(loader.read_text(encoding="utf8")) if loader.is_file() else []
+        if not files:
+            problems.append(f"{loader} is missing or names no npm package")
+        for spec, file in files:
+            if not (html_dir / "_static" / "widgets" / Path(file).name).is_file():
+                problems.append(f"{spec}: _static/widgets/{Path(file).name} missing from the site")
+        source = "the site (_static/widgets)"
+    if not problems:
+        print(f"✓ assets   every page loads only the site's own files; MathJax from _static/mathjax on "
+              f"{math_pages} page(s); the widget manager on {widget_pages} page(s), from {source}")
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html")
     parser.add_argument("--toc", type=Path, default=ROOT / "_toc.yml")
     parser.add_argument("--log", type=Path, default=None, help="captured output of the build")
+    parser.add_argument("--local-widgets", action="store_true",
+                        help="the build copied the widget manager into _static/widgets: check its files")
     args = parser.parse_args()
 
     problems: list[str] = []
@@ -102,6 +158,9 @@ def main() -> int:
         if 'class="output traceback' in html or 'class="output error' in html:
             problems.append(f"{doc}.html shows an error output")
         print(f"✓ notebook {doc}: {html.count('✓')} check mark(s) on the page")
+
+    # 3. the site is self-contained: it reads offline
+    problems += check_assets(args.html, docs, args.local_widgets)
 
     if problems:
         for p in problems:
