@@ -4,36 +4,26 @@ One module per token mixer (``ssd``, ``retnet``, ``gla``, ``rwkv7``), each with 
 (``recurrent``, ``parallel``, ``chunked``, ``matrix`` and the Triton ``kernel``), and
 ``semiseparable`` for the matrix class they all belong to.
 
-Device choice happens here, once, before anything imports Triton: with CUDA the kernels compile for
-the GPU; without it we set ``TRITON_INTERPRET=1`` so that the *same* kernel source runs on the CPU
-through Triton's interpreter (slowly, at small sizes: this is how CI executes the real kernels).
+What the machine offers is decided here, once, before anything imports Triton (``hardware``): with
+CUDA the kernels compile for the GPU; without it ``TRITON_INTERPRET=1`` makes the *same* kernel source
+run on the CPU through Triton's interpreter; without Triton (macOS, Windows) every form but ``kernel``
+works.  ``fast_dtype()`` is the dtype the notebooks give the kernels on this device.
 """
-import os as _os
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
 
-import torch as _torch
+from .hardware import (DEVICE, HAS_CUDA, HAS_TRITON, TRITON_INTERPRETED, by_device, capability,
+                       fast_dtype, warn_if_gpu_unused as _warn_if_gpu_unused)
 
-#: True when a CUDA GPU is visible to PyTorch.
-HAS_CUDA = _torch.cuda.is_available()
+try:
+    #: The installed version, from the package metadata (pyproject.toml's ``version``).
+    __version__ = _version("lecture_kit")
+except _PackageNotFoundError:                      # imported from a source tree that was never installed
+    __version__ = "unknown"
 
 if not HAS_CUDA:
-    # Must precede the first ``import triton`` anywhere in the process to take effect.
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-
-#: Where the notebooks put their tensors.
-DEVICE = _torch.device("cuda" if HAS_CUDA else "cpu")
-
-#: Whether Triton kernels run through the CPU interpreter in this process.
-TRITON_INTERPRETED = _os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def by_device(gpu, cpu):
-    """The one place notebooks choose sizes: ``T = by_device(gpu=8192, cpu=256)``.
-
-    Full, realistic sizes on a GPU; small ones on a CPU, where the same notebook must run in CI
-    within minutes (and the Triton kernels run through the interpreter).
-    """
-    return gpu if HAS_CUDA else cpu
+    _warn_if_gpu_unused()
 
 from . import semiseparable, ssd, retnet, gla, rwkv7  # noqa: E402  (after the environment is set)
 
-__all__ = ["HAS_CUDA", "DEVICE", "TRITON_INTERPRETED", "by_device", "semiseparable", "ssd", "retnet", "gla", "rwkv7"]
+__all__ = ["HAS_CUDA", "HAS_TRITON", "DEVICE", "TRITON_INTERPRETED", "by_device", "capability", "fast_dtype",
+           "semiseparable", "ssd", "retnet", "gla", "rwkv7", "__version__"]

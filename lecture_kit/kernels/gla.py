@@ -124,6 +124,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..hardware import check_kernel_dtype
+
 __all__ = ["gla_chunked"]
 
 SUB_CHUNK = 16  # c: the sub-chunk of steps 3-4 (FLA's BC); also the smallest tensor-core tile.
@@ -716,6 +718,7 @@ def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=Fal
     Differentiable in q, k, v, g and initial_state, with Triton backward kernels (module docstring).
     """
     _check(q, k, v, g, scale, initial_state, chunk_size)
+    check_kernel_dtype("gla_chunked", "q", q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, ht = _GLAChunked.apply(q, k, v, g, initial_state, scale, bool(output_final_state), chunk_size)
     return o, (ht if output_final_state else None)

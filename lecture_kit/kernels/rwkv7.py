@@ -168,6 +168,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..hardware import check_kernel_dtype
+
 __all__ = ["rwkv7_chunked"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -881,6 +883,7 @@ def rwkv7_chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_fin
     docstring).
     """
     _check_inputs(r, w, k, v, a, b, initial_state, chunk_size)
+    check_kernel_dtype("rwkv7_chunked", "r", r)
     o, S = _RWKV7Chunked.apply(r, w, k, v, a, b, initial_state, float(scale), bool(output_final_state),
                                int(chunk_size))
     return o, (S if output_final_state else None)

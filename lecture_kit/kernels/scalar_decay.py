@@ -91,6 +91,7 @@ import triton.language as tl  # noqa: E402
 
 from .._validate import Signature  # noqa: E402
 from ..hardware import check_kernel_dtype  # noqa: E402
+from ..hardware import check_kernel_dtype  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETED)       # the same flag, readable inside the kernels
@@ -635,6 +636,7 @@ def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise sig.error(f"q, k, v have dtype {q.dtype}; the Triton kernel takes float16, bfloat16 or "
                         f"float32 (fp64 runs through the PyTorch forms in ssd.py / retnet.py)")
+    check_kernel_dtype("scalar_decay_chunked", "q", q)
     check_kernel_dtype("scalar_decay_chunked", "q", q)
     if chunk_size not in _CHUNK_SIZES:
         raise sig.error(f"chunk_size must be one of {_CHUNK_SIZES}, got {chunk_size!r}")
