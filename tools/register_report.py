@@ -84,8 +84,10 @@ def presets():
     for mixer, has_dt, V in (("retnet", False, 128), ("ssd", True, 64)):
         bk, bv = scalar._tiles("output", 128, V, 64, torch.bfloat16)
         for warps, stages in ((4, 2), (8, 2), (8, 3)):
-            yield (f"{mixer} output BV={bv}", scalar._chunk_output_kernel, output,
-                   dict(BT=64, BK=bk, BV=bv, HAS_DT=has_dt, HAS_D=has_dt, DOT_PRECISION="tf32"), warps, stages)
+            heads = scalar._heads_per_program(32 if has_dt else 1)      # SSD: 32 heads, one group
+            yield (f"{mixer} output BV={bv} HEADS={heads}", scalar._chunk_output_kernel, output,
+                   dict(BT=64, BK=bk, BV=bv, HEADS=heads, HAS_DT=has_dt, HAS_D=has_dt, DOT_PRECISION="tf32"),
+                   warps, stages)
     grad = dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, dt_ptr=f32, log_decay_ptr=f32, D_ptr=f32, states_ptr=bf16,
                 dstates_ptr=bf16, do_ptr=bf16, dq_ptr=bf16, dk_ptr=bf16, dv_ptr=bf16, dl_ptr=f32, dw_ptr=f32,
                 dD_ptr=f32, **sizes)

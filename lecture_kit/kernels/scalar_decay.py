@@ -91,7 +91,6 @@ import triton.language as tl  # noqa: E402
 
 from .._validate import Signature  # noqa: E402
 from ..hardware import check_kernel_dtype  # noqa: E402
-from ..hardware import check_kernel_dtype  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETED)       # the same flag, readable inside the kernels
@@ -111,6 +110,13 @@ def _tiles(kernel: str, K: int, V: int, BT: int, dtype: torch.dtype) -> tuple[in
     if kernel == "output" and BT <= 64 and dtype != torch.float32:
         return min(K, 64), min(V, 128)
     return min(K, 64), min(V, 64)
+
+
+def _heads_per_program(heads_per_group: int) -> int:
+    """How many heads of one group an output program serves, sharing their scores Q Kᵀ: the
+    largest of 8, 4, 2, 1 that divides the group.  Eight heads still leave B·H/8 · T/BT programs,
+    over a thousand at the benchmark's shapes."""
+    return next(n for n in (8, 4, 2, 1) if heads_per_group % n == 0)
 
 
 # A few launch configurations for the GPU to choose from (warps and pipeline depth, measured once
@@ -283,7 +289,8 @@ def _chunk_states_kernel(
 # Steps 1 + 4: diagonal blocks and state → output
 # ------------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs((4, 2), (8, 2), (8, 3)), key=["BT", "BK", "BV", "HAS_DT", "HAS_D"])
+@triton.autotune(configs=_configs((4, 2), (8, 2), (8, 3)),
+                 key=["BT", "BK", "BV", "HEADS", "HAS_DT", "HAS_D"])
 @triton.jit
 def _chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, dt_ptr, log_decay_ptr,
@@ -291,45 +298,56 @@ def _chunk_output_kernel(
     D_ptr,                          # [H,V] fp32 (if HAS_D)
     o_ptr,                          # [B,T,H,V] out
     T, H, G, K, V, NT, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HEADS: tl.constexpr,
     HAS_DT: tl.constexpr, HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """o for rows t0 … t0+BT−1 of chunk n and columns i_v·BV …, of one (b, h):
+    """o for rows t0 … t0+BT−1 of chunk n and columns i_v·BV …, of HEADS heads of one group:
 
         o = scale · [ (Q ∘ exp(Λ)) H_{n−1}  +  (Q Kᵀ ∘ L ∘ w_j) V ]  +  D ∘ V
               step 4: state → output          step 1: diagonal block
+
+    The raw scores Q Kᵀ belong to the group, not the head: they are formed once and serve the
+    HEADS consecutive heads of the program (all of one group), each with its own decays, state
+    and values.  SSD's heads share B and C (G = 1 for the benchmark), so this saves most of its
+    score products; RetNet (one head per group) runs with HEADS = 1.
     """
     i_v, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    g = h // (H // G)
+    b = (i_bh // (H // HEADS)).to(tl.int64)
+    h_first = (i_bh % (H // HEADS)).to(tl.int64) * HEADS
+    g = h_first // (H // G)
     t0, v0 = n * BT, i_v * BV
     q_base = q_ptr + (b * T * G + g) * K          # [T, K] views of group g: row stride G·K
     k_base = k_ptr + (b * T * G + g) * K
-    v_base = (b * T * H + h) * V                  # [T, V] views of head h: row stride H·V
-    h_base = states_ptr + ((b * H + h) * NT + n) * K * V
 
     scores = tl.zeros([BT, BT], dtype=tl.float32)      # Q Kᵀ, summed over the K tiles
-    o_off = tl.zeros([BT, BV], dtype=tl.float32)       # Q H_{n−1}
     for i_k in range(0, tl.cdiv(K, BK)):
         q = _tile(q_base, t0, i_k * BK, T, G * K, BT, BK)
         kT = _tile_t(k_base, t0, i_k * BK, T, G * K, BT, BK)
-        h_prev = _tile(h_base, i_k * BK, v0, K, V, BK, BV)
         scores += _dot(q, kT, DOT_PRECISION)
-        o_off += _dot(q, h_prev, DOT_PRECISION)
 
-    lam, lam_last, w = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
-    # 4. state -> output: row i of Q H_{n-1} decays by exp(Λ_i) from the chunk's start
-    o_off = o_off * tl.exp(tl.minimum(lam, 0.0))[:, None]
-    # 1. diagonal block: the masked, weighted scores times the values
-    scores = scores * _decay_mask(lam, BT) * w[None, :]
-    v = _tile(v_ptr + v_base, t0, v0, T, H * V, BT, BV)
-    o_diag = _dot(_cast(scores, v.dtype), v, DOT_PRECISION)
+    for i_h in range(HEADS):
+        h = h_first + i_h
+        v_base = (b * T * H + h) * V              # [T, V] views of head h: row stride H·V
+        h_base = states_ptr + ((b * H + h) * NT + n) * K * V
+        o_off = tl.zeros([BT, BV], dtype=tl.float32)   # Q H_{n−1}
+        for i_k in range(0, tl.cdiv(K, BK)):
+            q = _tile(q_base, t0, i_k * BK, T, G * K, BT, BK)
+            h_prev = _tile(h_base, i_k * BK, v0, K, V, BK, BV)
+            o_off += _dot(q, h_prev, DOT_PRECISION)
 
-    o = scale * (o_off + o_diag)
-    if HAS_D:
-        d = tl.load(D_ptr + h * V + v0 + tl.arange(0, BV))
-        o += d[None, :] * v.to(tl.float32)
-    _store_tile(o_ptr + v_base, o, t0, v0, T, H * V, BT, BV)
+        lam, lam_last, w = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
+        # 4. state -> output: row i of Q H_{n-1} decays by exp(Λ_i) from the chunk's start
+        o_off = o_off * tl.exp(tl.minimum(lam, 0.0))[:, None]
+        # 1. diagonal block: the masked, weighted scores times the values
+        head_scores = scores * _decay_mask(lam, BT) * w[None, :]
+        v = _tile(v_ptr + v_base, t0, v0, T, H * V, BT, BV)
+        o_diag = _dot(_cast(head_scores, v.dtype), v, DOT_PRECISION)
+
+        o = scale * (o_off + o_diag)
+        if HAS_D:
+            d = tl.load(D_ptr + h * V + v0 + tl.arange(0, BV))
+            o += d[None, :] * v.to(tl.float32)
+        _store_tile(o_ptr + v_base, o, t0, v0, T, H * V, BT, BV)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,11 +534,12 @@ def _forward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output
                             reverse=False, store_last=output_final_state)
     # steps 1 + 4
     o = torch.empty_like(v)
-    _chunk_output_kernel[(V // BV, NT, B * H)](
+    heads = _heads_per_program(H // G)
+    _chunk_output_kernel[(V // BV, NT, B * H // heads)](
         q, k, v, dt if dt is not None else log_decay, log_decay, states,
         D if D is not None else log_decay, o,
         T, H, G, K, V, NT, scale,
-        BT=chunk_size, BK=BK, BV=BV, HAS_DT=dt is not None, HAS_D=D is not None,
+        BT=chunk_size, BK=BK, BV=BV, HEADS=heads, HAS_DT=dt is not None, HAS_D=D is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, final
@@ -636,7 +655,6 @@ def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise sig.error(f"q, k, v have dtype {q.dtype}; the Triton kernel takes float16, bfloat16 or "
                         f"float32 (fp64 runs through the PyTorch forms in ssd.py / retnet.py)")
-    check_kernel_dtype("scalar_decay_chunked", "q", q)
     check_kernel_dtype("scalar_decay_chunked", "q", q)
     if chunk_size not in _CHUNK_SIZES:
         raise sig.error(f"chunk_size must be one of {_CHUNK_SIZES}, got {chunk_size!r}")
