@@ -1,7 +1,7 @@
 """Gated linear attention, GLA (Yang et al., 2023).  Derived in notebook 03d.
 
-Per batch and head, with a data-dependent forget gate α_t = exp(g_t) ∈ (0, 1]^K (one per key channel)
-and state S_t ∈ R^{K×V}:
+Per batch and head, with a data-dependent forget gate α_t = exp(g_t) ∈ (0, 1]^K (one per key
+channel) and state S_t ∈ R^{K×V}:
 
     S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ
     o_t = scale · S_tᵀ q_t
@@ -16,11 +16,13 @@ a K-semiseparable matrix (an SSS representation with diagonal transitions).
 Shapes: q, k, g [B, T, H, K] (g = log α ≤ 0, e.g. logsigmoid(·)/16 as in the GLA layer);
 v [B, T, H, V]; initial_state and final state [B, H, K, V].  ``scale`` defaults to K^{-1/2}.
 Every form returns ``(o, final_state or None)``; o has q's dtype, the state is fp32 (fp64 for fp64).
+``help(gla.chunked)`` and the others list each form's parameters, returns and a checked example.
 """
 from __future__ import annotations
 
 import torch
 
+from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
 from ._validate import Signature, compute_dtype, pad_time
 from .semiseparable import segsum
 
@@ -41,8 +43,13 @@ def _check(fn, q, k, v, g, scale, initial_state=None, values=True):
     return sig, (sig.sizes["K"] ** -0.5 if scale is None else sig.scalar("scale", scale))
 
 
-def recurrent(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False):
-    """The definition, one token at a time: S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t."""
+def recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The definition, one token at a time:
+    S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ,  o_t = scale · S_tᵀ q_t."""
     _, scale = _check("recurrent", q, k, v, g, scale, initial_state)
     f = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
@@ -60,7 +67,8 @@ def _channel_masks(g, f):
     return torch.exp(segsum(g.to(f).permute(0, 2, 3, 1)))
 
 
-def matrix(q, k, g, *, scale=None):
+def matrix(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, *,
+           scale: float | None = None) -> torch.Tensor:
     """P [B, H, T, T] with P_ij = scale · Σ_d q_id k_jd exp(b_id − b_jd) for j ≤ i, so o = P v.
 
     Each channel's decay exp(b_id − b_jd) is a 1-semiseparable mask built by ``segsum`` (stable,
@@ -73,7 +81,11 @@ def matrix(q, k, g, *, scale=None):
     return P.to(q.dtype)
 
 
-def parallel(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False):
+def parallel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """O = P V plus the initial state's read-out scale · (q_i ∘ exp b_i)ᵀ S_0; the final state is
     Σ_j diag(exp(b_T − b_j)) k_j v_jᵀ + diag(exp b_T) S_0 (from the masks' last rows)."""
     _, scale = _check("parallel", q, k, v, g, scale, initial_state)
@@ -92,7 +104,11 @@ def parallel(q, k, v, g, *, scale=None, initial_state=None, output_final_state=F
     return o.to(q.dtype), final
 
 
-def chunked(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+def chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GLA's chunkwise algorithm with secondary (sub-chunk) tiling, math.md §3.2.
 
     Chunks of C = chunk_size tokens, sub-chunks of c = 16 (or C if 16 does not divide it); b is the
@@ -154,7 +170,11 @@ def chunked(q, k, v, g, *, scale=None, initial_state=None, output_final_state=Fa
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def kernel(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+def kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton chunkwise kernel (``lecture_kit/kernels/gla.py``): the algorithm of ``chunked``,
     with the chunk states kept in fp32 and the C×C score matrix never leaving the chip.
 
@@ -164,3 +184,136 @@ def kernel(q, k, v, g, *, scale=None, initial_state=None, output_final_state=Fal
     from .kernels.gla import gla_chunked
     return gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, chunk_size=chunk_size)
+
+
+# ---- reference sections for help() ---------------------------------------------------
+# Every form takes the same inputs, so each is described once here; ``document``
+# (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
+# docstring above, whose math is what the notebooks' listings show.
+
+_PARAMETERS = descriptions("""
+q
+    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``k`` and
+    ``v`` share its dtype and every tensor its device.
+k
+    Keys ``[B, T, H, K]``.
+v
+    Values ``[B, T, H, V]``.
+g
+    Log forget gate g = log α ``[B, T, H, K]``, ≤ 0 everywhere (the GLA layer uses
+    ``logsigmoid(·) / 16``).  Any float dtype: keep it in fp32 beside half-precision
+    activations.
+scale
+    Multiplies every output, o_t = scale · S_tᵀ q_t.  None means K^(-1/2).
+initial_state
+    The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
+    zeros.  Passing one call's final state continues the sequence.
+output_final_state
+    Also return the state after the last token.
+chunk_size
+    Tokens per chunk, a positive int; T need not be a multiple (the last chunk is padded
+    with zero keys and gates, which is exact).  Sub-chunks are 16 tokens when 16 divides
+    it.
+""")
+
+_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
+q
+    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability 8.0
+    or newer) or float32 (for float64 use ``chunked``), K a power of two from 16 to 256.
+    ``k`` and ``v`` share its dtype and every tensor its device: CUDA, or the CPU where
+    Triton's interpreter is on (lecture_kit turns it on when no GPU is visible).
+v
+    Values ``[B, T, H, V]``, V a power of two from 16 to 256.
+chunk_size
+    Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.
+""")}
+
+_RETURNS = """
+o : torch.Tensor
+    The output ``[B, T, H, V]``, in q's dtype.
+final_state : torch.Tensor | None
+    The state after the last token ``[B, H, K, V]``, float32 (float64 for float64
+    inputs); None unless ``output_final_state``.
+"""
+
+_SETUP = """
+>>> import torch, lecture_kit as lk
+>>> _ = torch.manual_seed(0)
+>>> B, T, H, K, V = 2, 50, 2, 16, 16
+>>> q, k, v = (torch.randn(B, T, H, d) for d in (K, K, V))
+>>> g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16   # log α ≤ 0
+"""
+
+document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> o, S = lk.gla.recurrent(q, k, v, g, output_final_state=True)
+>>> o.shape, S.shape, S.dtype
+(torch.Size([2, 50, 2, 16]), torch.Size([2, 2, 16, 16]), torch.float32)
+
+A sequence in two pieces, the state passed along, gives the same output and state:
+
+>>> head = [t[:, :20] for t in (q, k, v, g)]
+>>> tail = [t[:, 20:] for t in (q, k, v, g)]
+>>> o1, S1 = lk.gla.recurrent(*head, output_final_state=True)
+>>> o2, S2 = lk.gla.recurrent(*tail, initial_state=S1, output_final_state=True)
+>>> torch.allclose(torch.cat([o1, o2], dim=1), o, atol=1e-5)
+True
+>>> torch.allclose(S2, S, atol=1e-5)
+True
+""")
+
+document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
+>>> o, S = lk.gla.parallel(q, k, v, g, **kw)
+>>> o_ref, S_ref = lk.gla.recurrent(q, k, v, g, **kw)
+>>> torch.allclose(o, o_ref, atol=1e-5), torch.allclose(S, S_ref, atol=1e-5)
+(True, True)
+
+Half-precision activations with an fp32 gate: the output is bf16, the state stays fp32.
+
+>>> half = [t.bfloat16() for t in (q, k, v)]
+>>> o, S = lk.gla.parallel(*half, g, output_final_state=True)
+>>> o.dtype, S.dtype
+(torch.bfloat16, torch.float32)
+""")
+
+document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
+
+>>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
+>>> o, S = lk.gla.chunked(q, k, v, g, **kw, chunk_size=32)
+>>> o_ref, S_ref = lk.gla.recurrent(q, k, v, g, **kw)
+>>> torch.allclose(o, o_ref, atol=1e-5), torch.allclose(S, S_ref, atol=1e-5)
+(True, True)
+""")
+
+document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+P : torch.Tensor
+    The mixing matrix ``[B, H, T, T]``, in q's dtype, lower triangular: with a zero
+    initial state, ``o[b, :, h] = P[b, h] @ v[b, :, h]``.
+""", examples=_SETUP + """
+>>> P = lk.gla.matrix(q, k, g)
+>>> P.shape
+torch.Size([2, 2, 50, 50])
+>>> o = torch.einsum("bhij,bjhv->bihv", P, v)
+>>> torch.allclose(o, lk.gla.recurrent(q, k, v, g)[0], atol=1e-5)
+True
+
+Every block on or below the diagonal has rank at most K (measured in fp64):
+
+>>> P64 = lk.gla.matrix(q.double(), k.double(), g.double())[0, 0]
+>>> lk.semiseparable.semiseparable_rank(P64)
+16
+""")
+
+document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
+         examples=_SETUP + """
+>>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
+>>> args = [t.to(dev) for t in (q, k, v, g)]
+>>> o, S = lk.gla.kernel(*args, output_final_state=True, chunk_size=16)
+>>> o_ref, S_ref = lk.gla.chunked(q, k, v, g, output_final_state=True)
+>>> torch.allclose(o.cpu(), o_ref, atol=1e-4), torch.allclose(S.cpu(), S_ref, atol=1e-4)
+(True, True)
+""")

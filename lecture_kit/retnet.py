@@ -9,18 +9,22 @@ Parallel form: O = (scale · Q Kᵀ ∘ D) V with D_nm = γ^{n−m} (n ≥ m), 0
 γ^{n−m} = γ^n γ^{−m}, the matrix is K-semiseparable.  The paper's third form, the chunkwise
 recurrence, is ``chunked``.
 
-Shapes: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] (≤ 0; RetNet uses log(1 − 2^{−5−h}); 0 gives plain causal linear attention);
-initial_state and final state [B, H, K, V].  ``scale`` defaults to K^{-1/2}.  The decay is kept as
-its logarithm because the γ of heads h ≥ 4 round to exactly 1.0 in bf16 (math.md §2.3).
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] (≤ 0; RetNet uses log(1 − 2^{−5−h});
+0 gives plain causal linear attention); initial_state and final state [B, H, K, V].  ``scale``
+defaults to K^{-1/2}.  The decay is kept as its logarithm because the γ of heads h ≥ 4 round to
+exactly 1.0 in bf16 (math.md §2.3).
 
 Every form returns ``(o, final_state or None)``; o has q's dtype, the state is fp32 (fp64 for fp64).
-This is retention itself, before RetNet's group norm; the norm and the paper's score normalisations
-are per-row scalings that the group norm removes (math.md §2.2), and live in ``lecture_kit.blocks``.
+This is retention itself, before RetNet's group norm; the norm and the paper's score
+normalisations are per-row scalings that the group norm removes (math.md §2.2), and live in
+``lecture_kit.blocks``.  ``help(retnet.chunked)`` and the others list each form's parameters,
+returns and a checked example.
 """
 from __future__ import annotations
 
 import torch
 
+from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
 from ._validate import Signature, compute_dtype
 from .semiseparable import segsum
 
@@ -38,8 +42,13 @@ def _check(fn, q, k, v, log_gamma, scale, initial_state=None, values=True):
     return sig, (sig.sizes["K"] ** -0.5 if scale is None else sig.scalar("scale", scale))
 
 
-def recurrent(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False):
-    """The definition, one token at a time: S_t = γ S_{t-1} + k_t v_tᵀ,  o_t = scale · S_tᵀ q_t."""
+def recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The definition, one token at a time:
+    S_t = γ S_{t-1} + k_t v_tᵀ,  o_t = scale · S_tᵀ q_t."""
     _, scale = _check("recurrent", q, k, v, log_gamma, scale, initial_state)
     f = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
@@ -58,7 +67,8 @@ def _decay_mask(log_gamma, T, f):
     return torch.exp(segsum(log_gamma.to(f)[:, None].expand(-1, T)))
 
 
-def matrix(q, k, log_gamma, *, scale=None):
+def matrix(q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, *,
+           scale: float | None = None) -> torch.Tensor:
     """The retention matrix scale · (Q Kᵀ ∘ D)  [B, H, T, T], so that o = matrix @ v."""
     _, scale = _check("matrix", q, k, None, log_gamma, scale, values=False)
     f = compute_dtype(q.dtype)
@@ -66,7 +76,11 @@ def matrix(q, k, log_gamma, *, scale=None):
     return P.to(q.dtype)
 
 
-def parallel(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False):
+def parallel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The parallel form O = scale · (Q Kᵀ ∘ D) V, plus the initial state's decayed read-out
     scale · γ^{n+1} S_0ᵀ q_n; the final state is Σ_m γ^{T−1−m} k_m v_mᵀ + γ^T S_0."""
     _, scale = _check("parallel", q, k, v, log_gamma, scale, initial_state)
@@ -87,7 +101,11 @@ def parallel(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final
     return o.to(q.dtype), final
 
 
-def chunked(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+def chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RetNet's chunkwise recurrent form (Sun et al. 2023, §2.1), chunk by chunk.
 
     For a chunk of n tokens (the last may be shorter) with local positions i, j = 0..n−1:
@@ -117,7 +135,11 @@ def chunked(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_
     return torch.cat(outs, dim=1).to(q.dtype), (R if output_final_state else None)
 
 
-def kernel(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+def kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
+    scale: float | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton chunkwise kernel (``lecture_kit/kernels/scalar_decay.py``, shared with SSD): the
     chunkwise recurrence of ``chunked`` with a constant log-decay per head.
 
@@ -128,3 +150,140 @@ def kernel(q, k, v, log_gamma, *, scale=None, initial_state=None, output_final_s
     return scalar_decay_chunked(q, k, v, log_gamma, scale=q.shape[-1] ** -0.5 if scale is None else scale,
                                 initial_state=initial_state, output_final_state=output_final_state,
                                 chunk_size=chunk_size)
+
+
+# ---- reference sections for help() ---------------------------------------------------
+# Every form takes the same inputs, so each is described once here; ``document``
+# (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
+# docstring above, whose math is what the notebooks' listings show.
+
+_PARAMETERS = descriptions("""
+q
+    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``k`` and
+    ``v`` share its dtype and every tensor its device.
+k
+    Keys ``[B, T, H, K]``.
+v
+    Values ``[B, T, H, V]``.
+log_gamma
+    Per-head log decay log γ ``[H]``, ≤ 0 (RetNet: ``log(1 - 2**(-5 - h))`` for head h;
+    0 is causal linear attention without decay).  Any float dtype.
+scale
+    Multiplies every output, o_t = scale · S_tᵀ q_t.  None means K^(-1/2).
+initial_state
+    The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
+    zeros.  Passing one call's final state continues the sequence.
+output_final_state
+    Also return the state after the last token.
+chunk_size
+    Tokens per chunk, a positive int; T need not be a multiple (the last chunk is
+    shorter).
+""")
+
+_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
+q
+    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability 8.0
+    or newer) or float32 (for float64 use ``chunked``), K a power of two from 16 to 256.
+    ``k`` and ``v`` share its dtype and every tensor its device: CUDA, or the CPU where
+    Triton's interpreter is on (lecture_kit turns it on when no GPU is visible).
+v
+    Values ``[B, T, H, V]``, V a power of two from 16 to 256.
+chunk_size
+    Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.
+""")}
+
+_RETURNS = """
+o : torch.Tensor
+    The output ``[B, T, H, V]``, in q's dtype.
+final_state : torch.Tensor | None
+    The state after the last token ``[B, H, K, V]``, float32 (float64 for float64
+    inputs); None unless ``output_final_state``.
+"""
+
+_SETUP = """
+>>> import torch, lecture_kit as lk
+>>> _ = torch.manual_seed(0)
+>>> B, T, H, K, V = 2, 50, 4, 16, 16
+>>> q, k, v = (torch.randn(B, T, H, d) for d in (K, K, V))
+>>> log_gamma = torch.log1p(-2.0 ** (-5 - torch.arange(H)))     # RetNet's: log γ < 0
+"""
+
+document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> o, S = lk.retnet.recurrent(q, k, v, log_gamma, output_final_state=True)
+>>> o.shape, S.shape, S.dtype
+(torch.Size([2, 50, 4, 16]), torch.Size([2, 4, 16, 16]), torch.float32)
+
+A sequence in two pieces, the state passed along, gives the same output and state:
+
+>>> head = [t[:, :20] for t in (q, k, v)]
+>>> tail = [t[:, 20:] for t in (q, k, v)]
+>>> o1, S1 = lk.retnet.recurrent(*head, log_gamma, output_final_state=True)
+>>> o2, S2 = lk.retnet.recurrent(*tail, log_gamma, initial_state=S1,
+...                              output_final_state=True)
+>>> torch.allclose(torch.cat([o1, o2], dim=1), o, atol=1e-5)
+True
+>>> torch.allclose(S2, S, atol=1e-5)
+True
+""")
+
+document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
+>>> o, S = lk.retnet.parallel(q, k, v, log_gamma, **kw)
+>>> o_ref, S_ref = lk.retnet.recurrent(q, k, v, log_gamma, **kw)
+>>> torch.allclose(o, o_ref, atol=1e-5), torch.allclose(S, S_ref, atol=1e-5)
+(True, True)
+
+Half-precision activations with an fp32 decay: the output is bf16, the state stays fp32.
+
+>>> half = [t.bfloat16() for t in (q, k, v)]
+>>> o, S = lk.retnet.parallel(*half, log_gamma, output_final_state=True)
+>>> o.dtype, S.dtype
+(torch.bfloat16, torch.float32)
+""")
+
+document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
+
+>>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
+>>> o, S = lk.retnet.chunked(q, k, v, log_gamma, **kw, chunk_size=16)
+>>> o_ref, S_ref = lk.retnet.recurrent(q, k, v, log_gamma, **kw)
+>>> torch.allclose(o, o_ref, atol=1e-5), torch.allclose(S, S_ref, atol=1e-5)
+(True, True)
+""")
+
+document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+P : torch.Tensor
+    The retention matrix ``[B, H, T, T]``, in q's dtype, lower triangular: with a zero
+    initial state, ``o[b, :, h] = P[b, h] @ v[b, :, h]``.
+""", examples=_SETUP + """
+>>> P = lk.retnet.matrix(q, k, log_gamma)
+>>> P.shape
+torch.Size([2, 4, 50, 50])
+>>> o = torch.einsum("bhij,bjhv->bihv", P, v)
+>>> torch.allclose(o, lk.retnet.recurrent(q, k, v, log_gamma)[0], atol=1e-5)
+True
+
+Every block on or below the diagonal has rank at most K (measured in fp64):
+
+>>> P64 = lk.retnet.matrix(q.double(), k.double(), log_gamma.double())[0, 0]
+>>> lk.semiseparable.semiseparable_rank(P64)
+16
+""")
+
+document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=["""
+ValueError
+    If an argument breaks a requirement stated under Parameters (its type, shape, dtype,
+    device or range).  The message comes from the kernel shared with SSD, and names
+    ``log_gamma`` as ``log_decay``.
+""", NO_TRITON],
+         examples=_SETUP + """
+>>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
+>>> args = [t.to(dev) for t in (q, k, v, log_gamma)]
+>>> o, S = lk.retnet.kernel(*args, output_final_state=True, chunk_size=16)
+>>> o_ref, S_ref = lk.retnet.chunked(q, k, v, log_gamma, output_final_state=True)
+>>> torch.allclose(o.cpu(), o_ref, atol=1e-4), torch.allclose(S.cpu(), S_ref, atol=1e-4)
+(True, True)
+""")

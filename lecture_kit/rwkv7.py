@@ -1,4 +1,5 @@
-"""RWKV-7 "Goose" time mixing: the generalised delta rule (Peng et al., 2025).  Derived in notebook 03c.
+"""RWKV-7 "Goose" time mixing: the generalised delta rule (Peng et al., 2025).  Derived in
+notebook 03c.
 
 Per batch and head, state S_t ∈ R^{K×V} (flash-linear-attention's layout; BlinkDL's code stores Sᵀ):
 
@@ -16,13 +17,16 @@ with K×K transitions, so A is K-semiseparable — but, because the G_t do not c
 mask times a low-rank matrix.
 
 Shapes: r, w, k, a, b [B, T, H, K] (w = log decay ≤ 0; the layer uses w = −e^{−1/2}·sigmoid(·));
-v [B, T, H, V]; initial_state and final state [B, H, K, V].  ``scale`` defaults to 1.0 (fla's RWKV-7).
-Every form returns ``(o, final_state or None)``; o has r's dtype, the state is fp32 (fp64 for fp64).
+v [B, T, H, V]; initial_state and final state [B, H, K, V].  ``scale`` defaults to 1.0 (fla's
+RWKV-7).  Every form returns ``(o, final_state or None)``; o has r's dtype, the state is fp32
+(fp64 for fp64).  ``help(rwkv7.chunked)`` and the others list each form's parameters, returns
+and a checked example.
 """
 from __future__ import annotations
 
 import torch
 
+from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
 from ._validate import Signature, compute_dtype, pad_time
 from .semiseparable import segsum, sss_matrix
 
@@ -48,8 +52,13 @@ def _transitions(w, a, b, f):
     return torch.diag_embed(torch.exp(w)) + b[..., :, None] * a[..., None, :]
 
 
-def recurrent(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False):
-    """The definition, one token at a time: S_t = diag(exp w_t) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ."""
+def recurrent(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor, *, scale: float = 1.0, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The definition, one token at a time:
+    S_t = diag(exp w_t) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ,  o_t = scale · S_tᵀ r_t."""
     _, scale = _check("recurrent", r, w, k, v, a, b, scale, initial_state)
     f = compute_dtype(r.dtype)
     Bsz, T, H, K = r.shape
@@ -64,7 +73,8 @@ def recurrent(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_s
     return torch.stack(outs, dim=1).to(r.dtype), (S if output_final_state else None)
 
 
-def matrix(r, w, k, a, b, *, scale=1.0):
+def matrix(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, a: torch.Tensor,
+           b: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
     """A [B, H, T, T] with A_tj = scale · r_tᵀ G_t ⋯ G_{j+1} k_j (j ≤ t), so o = A v.
 
     Built directly from the SSS representation (``semiseparable.sss_matrix``), O(T² K²).
@@ -76,7 +86,11 @@ def matrix(r, w, k, a, b, *, scale=1.0):
     return A.to(r.dtype)
 
 
-def parallel(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False):
+def parallel(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor, *, scale: float = 1.0, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """o = A v, plus the initial state carried through every transition: scale · r_tᵀ G_t ⋯ G_0 S_0.
 
     The final state is Σ_j (G_{T-1} ⋯ G_{j+1} k_j) v_jᵀ + G_{T-1} ⋯ G_0 S_0, with the products of
@@ -110,15 +124,20 @@ def parallel(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_st
     return o.to(r.dtype), final
 
 
-def chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False, chunk_size=64):
+def chunked(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor, *, scale: float = 1.0, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RWKV-7's chunkwise algorithm with the WY/UT transform, math.md §4.3.
 
     In a chunk, Γ_i = w_1 + ⋯ + w_i (chunk-local, per channel), Γ⁻ its exclusive version, S_0 the
     entering state.  The pseudo-values ν_i = a_iᵀ S_{i-1} (what the rank-one term removes) satisfy
-    a unit-lower-triangular system, so with the four C×C matrices (exponents ≤ 0, masked before exp)
+    a unit-lower-triangular system, so with the four C×C matrices (exponents ≤ 0, masked before
+    exp), nonzero for j ≤ i on the first line and for j < i on the second,
 
-        A^{qk}_ij = Σ_d r_id k_jd e^{Γ_id − Γ_jd},   A^{qb}_ij = Σ_d r_id b_jd e^{Γ_id − Γ_jd}    (j ≤ i)
-        A^{ak}_ij = Σ_d a_id k_jd e^{Γ⁻_id − Γ_jd},  A^{ab}_ij = Σ_d a_id b_jd e^{Γ⁻_id − Γ_jd}   (j < i)
+        A^{qk}_ij = Σ_d r_id k_jd e^{Γ_id − Γ_jd},    A^{qb}_ij = Σ_d r_id b_jd e^{Γ_id − Γ_jd}
+        A^{ak}_ij = Σ_d a_id k_jd e^{Γ⁻_id − Γ_jd},   A^{ab}_ij = Σ_d a_id b_jd e^{Γ⁻_id − Γ_jd}
 
     the UT transform gives U = (I − A^{ab})^{-1} A^{ak} V and W = (I − A^{ab})^{-1} (a ∘ e^{Γ⁻}),
     both parallel over chunks.  Then, sequentially over chunks:
@@ -166,7 +185,11 @@ def chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_sta
     return o.to(r.dtype), (S if output_final_state else None)
 
 
-def kernel(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False, chunk_size=16):
+def kernel(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor, *, scale: float = 1.0, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton chunkwise kernel (``lecture_kit/kernels/rwkv7.py``): the algorithm of ``chunked``.
 
     Phase 1, parallel over chunks, builds the four intra-chunk matrices and the UT transform (U, W);
@@ -177,3 +200,150 @@ def kernel(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_stat
     from .kernels.rwkv7 import rwkv7_chunked
     return rwkv7_chunked(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, chunk_size=chunk_size)
+
+
+# ---- reference sections for help() ---------------------------------------------------
+# Every form takes the same inputs, so each is described once here; ``document``
+# (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
+# docstring above, whose math is what the notebooks' listings show.
+
+_PARAMETERS = descriptions("""
+r
+    Receptance, RWKV's query, ``[B, T, H, K]``, T ≥ 1: float16, bfloat16, float32 or
+    float64.  ``k``, ``v``, ``a`` and ``b`` share its dtype and every tensor its device.
+w
+    Log decay ``[B, T, H, K]``, ≤ 0 everywhere (the layer uses
+    ``-exp(-0.5) * sigmoid(·)``).  Any float dtype: keep it in fp32 beside
+    half-precision activations.
+k
+    Keys ``[B, T, H, K]``.
+v
+    Values ``[B, T, H, V]``.
+a
+    The transition's left factor ``[B, T, H, K]``: the layer passes ``-kappa``, a
+    removal key of unit norm per head.
+b
+    The transition's right factor ``[B, T, H, K]``: the layer passes ``kappa * a_icl``,
+    with an in-context learning rate ``a_icl`` in (0, 1).
+scale
+    Multiplies every output, o_t = scale · S_tᵀ r_t; 1.0, as in fla's RWKV-7.
+initial_state
+    The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
+    zeros.  Passing one call's final state continues the sequence.
+output_final_state
+    Also return the state after the last token.
+chunk_size
+    Tokens per chunk, a positive int; T need not be a multiple (the last chunk is padded
+    with zero keys and decays, which is exact).
+""")
+
+_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
+r
+    Receptance ``[B, T, H, K]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability
+    8.0 or newer) or float32 (for float64 use ``chunked``), K a power of two from 16 to
+    256.  ``k``, ``v``, ``a`` and ``b`` share its dtype and every tensor its device:
+    CUDA, or the CPU where Triton's interpreter is on (lecture_kit turns it on when no
+    GPU is visible).
+w
+    Log decay ``[B, T, H, K]``, ≤ 0 everywhere, in r's dtype or float32.
+v
+    Values ``[B, T, H, V]``, V a power of two from 16 to 256.
+initial_state
+    The state S_0 ``[B, H, K, V]`` before the first token, float32 (float16 and bfloat16
+    are promoted; float64 is refused); None means zeros.
+chunk_size
+    Tokens per chunk: 16 for any K, 32 for K ≤ 128, 64 for K ≤ 64.  T need not be a
+    multiple.
+""")}
+
+_RETURNS = """
+o : torch.Tensor
+    The output ``[B, T, H, V]``, in r's dtype.
+final_state : torch.Tensor | None
+    The state after the last token ``[B, H, K, V]``, float32 (float64 for float64
+    inputs); None unless ``output_final_state``.
+"""
+
+_SETUP = """
+>>> import torch, lecture_kit as lk
+>>> _ = torch.manual_seed(0)
+>>> B, T, H, K, V = 2, 50, 2, 16, 16
+>>> r, k, v = (torch.randn(B, T, H, d) for d in (K, K, V))
+>>> w = -0.6 * torch.sigmoid(torch.randn(B, T, H, K))                 # log decay ≤ 0
+>>> kappa = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
+>>> a, b = -kappa, kappa * torch.sigmoid(torch.randn(B, T, H, K))    # the delta rule
+"""
+
+document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> o, S = lk.rwkv7.recurrent(r, w, k, v, a, b, output_final_state=True)
+>>> o.shape, S.shape, S.dtype
+(torch.Size([2, 50, 2, 16]), torch.Size([2, 2, 16, 16]), torch.float32)
+
+A sequence in two pieces, the state passed along, gives the same output and state:
+
+>>> head = [t[:, :20] for t in (r, w, k, v, a, b)]
+>>> tail = [t[:, 20:] for t in (r, w, k, v, a, b)]
+>>> o1, S1 = lk.rwkv7.recurrent(*head, output_final_state=True)
+>>> o2, S2 = lk.rwkv7.recurrent(*tail, initial_state=S1, output_final_state=True)
+>>> torch.allclose(torch.cat([o1, o2], dim=1), o, atol=1e-5)
+True
+>>> torch.allclose(S2, S, atol=1e-5)
+True
+""")
+
+document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
+>>> o, S = lk.rwkv7.parallel(r, w, k, v, a, b, **kw)
+>>> o_ref, S_ref = lk.rwkv7.recurrent(r, w, k, v, a, b, **kw)
+>>> torch.allclose(o, o_ref, atol=1e-5), torch.allclose(S, S_ref, atol=1e-5)
+(True, True)
+
+Half-precision activations with an fp32 decay: the output is bf16, the state stays fp32.
+
+>>> half = [t.bfloat16() for t in (r, k, v, a, b)]
+>>> o, S = lk.rwkv7.parallel(half[0], w, *half[1:], output_final_state=True)
+>>> o.dtype, S.dtype
+(torch.bfloat16, torch.float32)
+""")
+
+document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
+
+>>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
+>>> o, S = lk.rwkv7.chunked(r, w, k, v, a, b, **kw, chunk_size=16)
+>>> o_ref, S_ref = lk.rwkv7.recurrent(r, w, k, v, a, b, **kw)
+>>> torch.allclose(o, o_ref, atol=1e-5), torch.allclose(S, S_ref, atol=1e-5)
+(True, True)
+""")
+
+document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+A : torch.Tensor
+    The mixing matrix ``[B, H, T, T]``, in r's dtype, lower triangular: with a zero
+    initial state, ``o[b, :, h] = A[b, h] @ v[b, :, h]``.
+""", examples=_SETUP + """
+>>> A = lk.rwkv7.matrix(r, w, k, a, b)
+>>> A.shape
+torch.Size([2, 2, 50, 50])
+>>> o = torch.einsum("bhij,bjhv->bihv", A, v)
+>>> torch.allclose(o, lk.rwkv7.recurrent(r, w, k, v, a, b)[0], atol=1e-5)
+True
+
+Every block on or below the diagonal has rank at most K (measured in fp64):
+
+>>> A64 = lk.rwkv7.matrix(*(t.double() for t in (r, w, k, a, b)))[0, 0]
+>>> lk.semiseparable.semiseparable_rank(A64)
+16
+""")
+
+document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
+         examples=_SETUP + """
+>>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
+>>> args = [t.to(dev) for t in (r, w, k, v, a, b)]
+>>> o, S = lk.rwkv7.kernel(*args, output_final_state=True)        # chunk_size 16
+>>> o_ref, S_ref = lk.rwkv7.chunked(r, w, k, v, a, b, output_final_state=True)
+>>> torch.allclose(o.cpu(), o_ref, atol=1e-4), torch.allclose(S.cpu(), S_ref, atol=1e-4)
+(True, True)
+""")

@@ -1,8 +1,9 @@
 """Semiseparable matrices: the one class of matrices this lecture is about.
 
-Definitions (Dao & Gu 2024, §3; math.md §8f).  A lower-triangular T×T matrix M is *N-semiseparable*
-when every submatrix taken from on or below the diagonal has rank at most N.  The maximal such blocks
-are ``M[j:, :j+1]`` (rows j..T-1, columns 0..j), and every other one sits inside one of them, so
+Definitions (Dao & Gu 2024, §3; math.md §8f).  A lower-triangular T×T matrix M is
+*N-semiseparable* when every submatrix taken from on or below the diagonal has rank at most N.
+The maximal such blocks are ``M[j:, :j+1]`` (rows j..T-1, columns 0..j), and every other one sits
+inside one of them, so
 
     semiseparable rank(M) = max_j rank(M[j:, :j+1]).
 
@@ -15,11 +16,14 @@ An N-SSS (sequentially semiseparable) representation writes M through N×N trans
 
 and M is N-semiseparable exactly when it has one.  Every mixer of this lecture is such a product:
 SSD and RetNet with A_t = a_t·I, GLA with A_t = diag(α_t), RWKV-7 with A_t = diag(w_t) + b_t a_tᵀ.
-Derived in notebooks 02 and 03a.
+Derived in notebooks 02 and 03a.  ``help()`` on each function lists its parameters, returns and a
+checked example.
 """
 from __future__ import annotations
 
 import torch
+
+from ._docs import descriptions, document
 
 
 def segsum(log_a: torch.Tensor) -> torch.Tensor:
@@ -56,19 +60,23 @@ def one_semiseparable_mask(log_a: torch.Tensor) -> torch.Tensor:
 
 
 def default_tolerance(M: torch.Tensor) -> float:
-    """Singular values below ``σ_max(M) · T · eps(dtype)`` count as zero (numpy's matrix_rank rule)."""
+    """Singular values below ``σ_max(M) · T · eps(dtype)`` count as zero (numpy's matrix_rank
+    rule); this returns the factor T · eps(dtype)."""
     return M.shape[-1] * torch.finfo(M.dtype).eps
 
 
-def semiseparable_rank(M: torch.Tensor, rtol: float | None = None):
+def semiseparable_rank(M: torch.Tensor,
+                       rtol: float | None = None) -> int | torch.Tensor:
     """Numerical semiseparable rank of a lower-triangular matrix: max_j rank(M[j:, :j+1]).
 
-    Shapes: ``M [T, T]`` → ``int``; ``M [..., T, T]`` → ``LongTensor [...]`` (one rank per matrix).
+    Shapes: ``M [T, T]`` → ``int``; ``M [..., T, T]`` → ``LongTensor [...]`` (one rank per
+    matrix).
 
     A singular value of a block counts when it exceeds ``rtol · σ_max(M)``, with σ_max the largest
-    singular value of the *whole* matrix (default ``rtol`` = T·eps of M's dtype).  Measuring against
-    the whole matrix rather than the block means a block whose entries have decayed to rounding level
-    counts as rank 0, as it should.  Integer or bool matrices are converted to fp64.
+    singular value of the *whole* matrix (default ``rtol`` = T·eps of M's dtype).  Measuring
+    against the whole matrix rather than the block means a block whose entries have decayed to
+    rounding level counts as rank 0, as it should.  Integer or bool matrices are converted to
+    fp64.
     """
     if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
         raise ValueError(f"semiseparable_rank: M must be a square matrix [..., T, T], got "
@@ -109,3 +117,113 @@ def sss_matrix(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tenso
         row = torch.einsum("...jn,...n->...j", U, C[..., i, :])      # M[i, :i+1]
         rows.append(torch.nn.functional.pad(row, (0, T - i - 1)))
     return torch.stack(rows, dim=-2)
+
+
+# ---- reference sections for help() ---------------------------------------------------
+# ``document`` (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples
+# to each docstring above, whose math is what the notebooks print.
+
+_LOG_A = descriptions("""
+log_a
+    Log-decays ℓ ``[..., T]`` along the last dimension, any float dtype; the mixers' are
+    ≤ 0, so that exp(segsum(ℓ)) ≤ 1.
+""")
+
+document(segsum, _LOG_A, returns="""
+torch.Tensor
+    ``[..., T, T]`` in log_a's dtype: ℓ_{j+1} + ⋯ + ℓ_i at (i, j) on and below the
+    diagonal (0 on it), −inf above.
+""", examples="""
+>>> import torch
+>>> from lecture_kit.semiseparable import segsum
+>>> segsum(torch.tensor([-1.0, -2.0, -3.0]))
+tensor([[ 0., -inf, -inf],
+        [-2.,  0., -inf],
+        [-5., -3.,  0.]])
+""")
+
+document(one_semiseparable_mask, _LOG_A, returns="""
+torch.Tensor
+    The mask L ``[..., T, T]`` in log_a's dtype, exactly 0 above the diagonal.
+""", examples="""
+>>> import torch
+>>> from lecture_kit.semiseparable import one_semiseparable_mask
+>>> one_semiseparable_mask(torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5])))
+tensor([[1.0000, 0.0000, 0.0000, 0.0000],
+        [0.5000, 1.0000, 0.0000, 0.0000],
+        [0.2500, 0.5000, 1.0000, 0.0000],
+        [0.1250, 0.2500, 0.5000, 1.0000]])
+
+On a long sequence the ratio of cumulative products is 0/0, the mask is not:
+
+>>> log_a = torch.full((2000,), -0.1)
+>>> a_cum = torch.exp(log_a).cumprod(0)
+>>> (a_cum[:, None] / a_cum[None, :]).isnan().any().item()
+True
+>>> one_semiseparable_mask(log_a).isnan().any().item()
+False
+""")
+
+document(default_tolerance, descriptions("""
+M
+    A floating-point matrix ``[..., T, T]``; only its size T and its dtype matter.
+"""), returns="""
+float
+    T · eps(M.dtype), the ``rtol`` that ``semiseparable_rank`` uses by default.
+""", examples="""
+>>> import torch
+>>> from lecture_kit.semiseparable import default_tolerance
+>>> default_tolerance(torch.zeros(100, 100)) == 100 * torch.finfo(torch.float32).eps
+True
+""")
+
+document(semiseparable_rank, descriptions("""
+M
+    A lower-triangular matrix ``[T, T]``, or a batch of them ``[..., T, T]``, any dtype:
+    float16 and bfloat16 are measured in float32, integer and bool matrices in float64.
+rtol
+    Relative threshold on the singular values, against σ_max of the whole matrix; None
+    means ``default_tolerance(M)``.
+"""), raises=["""
+ValueError
+    If M is not a tensor with at least two dimensions and square in the last two.
+"""], returns="""
+int | torch.Tensor
+    The semiseparable rank: an ``int`` for one matrix, a LongTensor ``[...]`` for a
+    batch.
+""", examples="""
+>>> import torch
+>>> from lecture_kit.semiseparable import one_semiseparable_mask, semiseparable_rank
+>>> L = one_semiseparable_mask(torch.full((8,), -0.5, dtype=torch.float64))
+>>> torch.linalg.matrix_rank(L).item(), semiseparable_rank(L)    # invertible, yet 1-SS
+(8, 1)
+>>> semiseparable_rank(torch.stack([L, L @ L]))
+tensor([1, 2])
+""")
+
+document(sss_matrix, descriptions("""
+C
+    Output factors C_i ``[..., T, N]``.
+A
+    Transitions A_t ``[..., T, N, N]``, in C's dtype.
+B
+    Input factors B_j ``[..., T, N]``, in C's dtype.
+"""), raises=["""
+ValueError
+    If the shapes are not ``C [..., T, N]``, ``A [..., T, N, N]`` and ``B [..., T, N]``.
+"""], returns="""
+torch.Tensor
+    M ``[..., T, T]``, lower triangular, in C's dtype.
+""", examples="""
+With scalar transitions A_t = a_t I, the SSS matrix is the 1-semiseparable mask times
+C Bᵀ (the SSD theorem):
+
+>>> import torch
+>>> from lecture_kit.semiseparable import one_semiseparable_mask, sss_matrix
+>>> T, N = 6, 3
+>>> log_a = -torch.rand(T, dtype=torch.float64)
+>>> C, B = torch.randn(2, T, N, dtype=torch.float64)
+>>> A = torch.exp(log_a)[:, None, None] * torch.eye(N, dtype=torch.float64)
+>>> torch.allclose(sss_matrix(C, A, B), one_semiseparable_mask(log_a) * (C @ B.T))
+True
+""")

@@ -1,6 +1,7 @@
 """Mamba-2's state space duality layer, SSD (Dao & Gu, 2024).  Derived in notebook 03b.
 
-Per batch and head, with scalar decay a_t = exp(Δ_t A) and state h_t ∈ R^{P×N} (mamba_ssm's layout):
+Per batch and head, with scalar decay a_t = exp(Δ_t A) and state h_t ∈ R^{P×N} (mamba_ssm's
+layout):
 
     h_t = a_t h_{t-1} + Δ_t x_t B_tᵀ
     y_t = h_t C_t + D x_t
@@ -8,7 +9,7 @@ Per batch and head, with scalar decay a_t = exp(Δ_t A) and state h_t ∈ R^{P×
 Unrolled, y = M x + D x with the T×T matrix (the SSD theorem: a 1-semiseparable mask times a
 rank-N "attention" matrix)
 
-    M_ij = L_ij (C_iᵀ B_j) Δ_j,    L_ij = a_i ⋯ a_{j+1} = exp(Δ_{j+1}A + ⋯ + Δ_i A)   (i ≥ j).
+    M_ij = L_ij (C_iᵀ B_j) Δ_j,    L_ij = a_i ⋯ a_{j+1} = exp(Δ_{j+1}A + ⋯ + Δ_i A)  (i ≥ j).
 
 Shapes: x [B, T, H, P]; dt [B, T, H] (Δ ≥ 0, already discretised, e.g. softplus(dt + dt_bias));
 A [H] (< 0); B, C [B, T, G, N] with G dividing H (heads h·G/H .. share a group, like GQA);
@@ -16,11 +17,13 @@ D None, [H] or [H, P]; initial_state and final state [B, H, P, N].
 
 Every form returns ``(y, final_state or None)``; y has x's dtype, the state is fp32 (fp64 for fp64
 inputs).  Decays and their cumulative sums are computed in fp32 (fp64), chunk-locally.
+``help(ssd.chunked)`` and the others list each form's parameters, returns and a checked example.
 """
 from __future__ import annotations
 
 import torch
 
+from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
 from ._validate import Signature, compute_dtype, pad_time
 from .semiseparable import segsum
 
@@ -46,7 +49,7 @@ def _check(fn, x, dt, A, B, C, D=None, initial_state=None, values=True):
 
 
 def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
-    """Expand grouped B or C [B, T, G, N] to one copy per head [B, T, H, N] (reference forms only)."""
+    """Expand grouped B or C [B, T, G, N] to one copy per head [B, T, H, N] (reference forms)."""
     return t.repeat_interleave(H // t.shape[2], dim=2)
 
 
@@ -58,8 +61,13 @@ def _skip(y, x, D):
     return y + x * (D[:, None] if D.dim() == 1 else D)
 
 
-def recurrent(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False):
-    """The definition, one token at a time: h_t = a_t h_{t-1} + Δ_t x_t B_tᵀ,  y_t = h_t C_t + D x_t."""
+def recurrent(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, *, D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The definition, one token at a time:
+    h_t = a_t h_{t-1} + Δ_t x_t B_tᵀ,  y_t = h_t C_t + D x_t."""
     sig = _check("recurrent", x, dt, A, B, C, D, initial_state)
     f = compute_dtype(x.dtype)
     Bsz, T, H, P = x.shape
@@ -86,7 +94,8 @@ def _matrix(dt, A, B, C, f):
     return L * CB * dt.to(f).transpose(1, 2)[:, :, None, :]
 
 
-def matrix(dt, A, B, C):
+def matrix(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+           C: torch.Tensor) -> torch.Tensor:
     """The mixing matrix M = L ∘ (C Bᵀ) · diag(Δ)  [B, H, T, T], so that y = M x + D x.
 
     This is also Mamba-2's "hidden attention" (Ali et al., 2024): one T×T matrix per head, shared by
@@ -96,7 +105,11 @@ def matrix(dt, A, B, C):
     return _matrix(dt, A, B, C, compute_dtype(B.dtype)).to(B.dtype)
 
 
-def parallel(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False):
+def parallel(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, *, D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The quadratic ("attention") form: y = M x + D x, plus the initial state's decayed read-out.
 
     With an initial state h_0: y_t gains exp(ℓ_0 + ⋯ + ℓ_t) h_0 C_t, and the final state is
@@ -123,12 +136,17 @@ def parallel(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=F
     return _skip(y, x_, D).to(x.dtype), final
 
 
-def chunked(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, chunk_size=64):
+def chunked(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, *, D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mamba-2's chunkwise algorithm (math.md §1.2): four steps, three of them matmuls.
 
-    Split time into chunks of Q = chunk_size tokens (the last one padded with Δ = 0, which is exact);
-    within chunk c, ℓ_s = Δ_s A and Λ_s = Σ_{r ≤ s in c} ℓ_r is a chunk-local cumulative sum.
-      1. diagonal blocks:  Y_diag = (L_c ∘ C_c B_cᵀ) X_c           with X = Δ·x, L_c = exp(segsum(ℓ_c))
+    Split time into chunks of Q = chunk_size tokens (the last one padded with Δ = 0, which is
+    exact); within chunk c, ℓ_s = Δ_s A and Λ_s = Σ_{r ≤ s in c} ℓ_r is a chunk-local cumsum.
+      1. diagonal blocks:  Y_diag = (L_c ∘ C_c B_cᵀ) X_c      with X = Δ·x, L_c = exp(segsum(ℓ_c))
       2. chunk states:     S_c = Σ_s exp(Λ_last − Λ_s) X_s B_sᵀ
       3. state passing:    h_c = exp(Λ_last) h_{c-1} + S_c          (sequential over chunks)
       4. state → output:   Y_off[s] = exp(Λ_s) h_{c-1} C_s
@@ -168,7 +186,12 @@ def chunked(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=Fa
     return _skip(y, x.to(f), D).to(x.dtype), (h if output_final_state else None)
 
 
-def kernel(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, chunk_size=64):
+def kernel(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, *, D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton chunkwise kernel (``lecture_kit/kernels/scalar_decay.py``): the four steps of
     ``chunked``, with B and C read per group (never expanded to H heads in memory) and D x fused.
 
@@ -182,3 +205,151 @@ def kernel(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=Fal
     y, final = scalar_decay_chunked(C, B, x, A, dt=dt, scale=1.0, D=D, initial_state=h0,
                                     output_final_state=output_final_state, chunk_size=chunk_size)
     return y, (None if final is None else final.transpose(-1, -2))
+
+
+# ---- reference sections for help() ---------------------------------------------------
+# Every form takes the same inputs, so each is described once here; ``document``
+# (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
+# docstring above, whose math is what the notebooks' listings show.
+
+_PARAMETERS = descriptions("""
+x
+    Inputs ``[B, T, H, P]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``B`` and
+    ``C`` share its dtype and every tensor its device.
+dt
+    Step sizes Δ ``[B, T, H]``, ≥ 0 and already discretised (Mamba-2 passes
+    ``softplus(dt + dt_bias)``).  Any float dtype.
+A
+    Per-head decay rate ``[H]``, < 0 everywhere (Mamba-2 uses ``-exp(A_log)``); token
+    t's decay is a_t = exp(Δ_t A).  Any float dtype.
+B
+    Input projections ``[B, T, G, N]``, G groups dividing H: head h reads group
+    ``h // (H // G)``, as grouped-query attention shares keys.
+C
+    Output projections ``[B, T, G, N]``, grouped as ``B``.
+D
+    Skip weight ``[H]`` or ``[H, P]``, any float dtype, adding D x to the output; None
+    for no skip term.
+initial_state
+    The state h_0 ``[B, H, P, N]`` before the first token, any float dtype; None means
+    zeros.  Passing one call's final state continues the sequence.
+output_final_state
+    Also return the state after the last token.
+chunk_size
+    Tokens per chunk Q, a positive int; T need not be a multiple (the last chunk is
+    padded with Δ = 0, which is exact).
+""")
+
+_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
+x
+    Inputs ``[B, T, H, P]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability 8.0
+    or newer) or float32 (for float64 use ``chunked``), P a power of two from 16 to 256.
+    ``B`` and ``C`` share its dtype and every tensor its device: CUDA, or the CPU where
+    Triton's interpreter is on (lecture_kit turns it on when no GPU is visible).
+B
+    Input projections ``[B, T, G, N]``, N a power of two from 16 to 256 and G groups
+    dividing H: head h reads group ``h // (H // G)``.
+chunk_size
+    Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.
+""")}
+
+_RETURNS = """
+y : torch.Tensor
+    The output ``[B, T, H, P]``, in x's dtype.
+final_state : torch.Tensor | None
+    The state after the last token ``[B, H, P, N]``, float32 (float64 for float64
+    inputs); None unless ``output_final_state``.
+"""
+
+_SETUP = """
+>>> import torch, lecture_kit as lk
+>>> _ = torch.manual_seed(0)
+>>> batch, T, H, P, G, N = 2, 50, 4, 16, 2, 16
+>>> x = torch.randn(batch, T, H, P)
+>>> dt = torch.nn.functional.softplus(torch.randn(batch, T, H) - 2)      # Δ ≥ 0
+>>> A = -torch.linspace(1, 16, H)                                         # A < 0
+>>> B, C = torch.randn(batch, T, G, N), torch.randn(batch, T, G, N)
+>>> D = torch.ones(H)
+"""
+
+document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> y, h = lk.ssd.recurrent(x, dt, A, B, C, D=D, output_final_state=True)
+>>> y.shape, h.shape, h.dtype
+(torch.Size([2, 50, 4, 16]), torch.Size([2, 4, 16, 16]), torch.float32)
+
+A sequence in two pieces, the state passed along, gives the same output and state:
+
+>>> pieces = [t.split([20, 30], dim=1) for t in (x, dt, B, C)]
+>>> (x1, x2), (dt1, dt2), (B1, B2), (C1, C2) = pieces
+>>> y1, h1 = lk.ssd.recurrent(x1, dt1, A, B1, C1, D=D, output_final_state=True)
+>>> y2, h2 = lk.ssd.recurrent(x2, dt2, A, B2, C2, D=D, initial_state=h1,
+...                           output_final_state=True)
+>>> torch.allclose(torch.cat([y1, y2], dim=1), y, atol=1e-5)
+True
+>>> torch.allclose(h2, h, atol=1e-5)
+True
+""")
+
+document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+>>> kw = dict(D=D, initial_state=torch.randn(batch, H, P, N), output_final_state=True)
+>>> y, h = lk.ssd.parallel(x, dt, A, B, C, **kw)
+>>> y_ref, h_ref = lk.ssd.recurrent(x, dt, A, B, C, **kw)
+>>> torch.allclose(y, y_ref, atol=1e-5), torch.allclose(h, h_ref, atol=1e-5)
+(True, True)
+
+Half-precision activations with fp32 Δ and A: the output is bf16, the state stays fp32.
+
+>>> y, h = lk.ssd.parallel(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(),
+...                        output_final_state=True)
+>>> y.dtype, h.dtype
+(torch.bfloat16, torch.float32)
+""")
+
+document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+         examples=_SETUP + """
+T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
+
+>>> kw = dict(D=D, initial_state=torch.randn(batch, H, P, N), output_final_state=True)
+>>> y, h = lk.ssd.chunked(x, dt, A, B, C, **kw, chunk_size=16)
+>>> y_ref, h_ref = lk.ssd.recurrent(x, dt, A, B, C, **kw)
+>>> torch.allclose(y, y_ref, atol=1e-5), torch.allclose(h, h_ref, atol=1e-5)
+(True, True)
+""")
+
+document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+M : torch.Tensor
+    The mixing matrix ``[B, H, T, T]``, in B's dtype, lower triangular and shared by a
+    head's P channels: with a zero initial state,
+    ``y[b, :, h] = M[b, h] @ x[b, :, h] + D[h] x[b, :, h]``.
+""", examples=_SETUP + """
+>>> M = lk.ssd.matrix(dt, A, B, C)
+>>> M.shape
+torch.Size([2, 4, 50, 50])
+>>> y = torch.einsum("bhij,bjhp->bihp", M, x) + D[:, None] * x
+>>> torch.allclose(y, lk.ssd.recurrent(x, dt, A, B, C, D=D)[0], atol=1e-5)
+True
+
+Every block on or below the diagonal has rank at most N (measured in fp64):
+
+>>> M64 = lk.ssd.matrix(dt.double(), A.double(), B.double(), C.double())[0, 0]
+>>> lk.semiseparable.semiseparable_rank(M64)
+16
+""")
+
+document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=["""
+ValueError
+    If an argument breaks a requirement stated under Parameters (its type, shape, dtype,
+    device or range).  The message comes from the kernel shared with RetNet, in its
+    names: q = C, k = B, v = x, log_decay = A, K = N, V = P, and the state as
+    ``[B, H, N, P]``.
+""", NO_TRITON],
+         examples=_SETUP + """
+>>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
+>>> args = [t.to(dev) for t in (x, dt, A, B, C)]
+>>> y, h = lk.ssd.kernel(*args, D=D.to(dev), output_final_state=True, chunk_size=16)
+>>> y_ref, h_ref = lk.ssd.chunked(x, dt, A, B, C, D=D, output_final_state=True)
+>>> torch.allclose(y.cpu(), y_ref, atol=1e-4), torch.allclose(h.cpu(), h_ref, atol=1e-4)
+(True, True)
+""")
