@@ -226,7 +226,8 @@ b
     The transition's right factor ``[B, T, H, K]``: the layer passes ``kappa * a_icl``,
     with an in-context learning rate ``a_icl`` in (0, 1).
 scale
-    Multiplies every output, o_t = scale · S_tᵀ r_t; 1.0, as in fla's RWKV-7.
+    Multiplies every output, o_t = scale · S_tᵀ r_t (fla's RWKV-7 uses 1.0, the
+    default).
 initial_state
     The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
     zeros.  Passing one call's final state continues the sequence.
