@@ -18,6 +18,9 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python}"
 # lecture_kit is importable even when it was not pip-installed (notebooks run in notebooks/).
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# lecture_kit's explorers embed their precomputed pictures, so that they move on the static page
+# (lecture_kit/widgets.py; a minute of drawing in all, spent only here, not in JupyterLab).
+export LECTURE_KIT_STATIC_FRAMES=1
 # Figures must reach the page through the kernel's inline backend: a MPLBACKEND such as Agg
 # (common on CI machines) would replace it, and every figure would silently vanish from the book.
 unset MPLBACKEND

@@ -4,6 +4,9 @@ Run after ``jupyter-book build .`` (``.ci/build_book.sh`` does both):
 
     python .ci/check_book.py [--log _build/book-build.log] [--html _build/html] [--local-widgets]
 
+Every notebook that imports ``lecture_kit.widgets`` must show an explorer as HTML that moves
+without a kernel, with its precomputed pictures (more than one).
+
 It also checks that the site is self-contained, so that it reads offline: every page loads its
 scripts and stylesheets from the site itself, each of them exists, every page with math loads
 MathJax from ``_static/mathjax`` (fonts included), and every page with widgets loads the widget
@@ -14,6 +17,7 @@ Exit status 0 when all checks pass, 1 otherwise; one line per check either way.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -37,6 +41,8 @@ REMOTE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)
 # The files that book/_static/widget-manager.js loads from _static/widgets/ (its npm/file lines).
 WIDGET_PACKAGE = re.compile(r"npm: \"([^\"]+)\", file: \"([^\"]+)\"")
 MATHJAX_FONTS = Path("_static/mathjax/output/chtml/fonts/woff-v2")
+# The data of an explorer's HTML view (lecture_kit.widgets.frame_player).
+EXPLORER_DATA = re.compile(r'<script type="application/json" class="lk-frames-data">(.*?)</script>', re.S)
 
 
 def toc_files(toc: dict) -> list[str]:
@@ -56,6 +62,29 @@ def toc_files(toc: dict) -> list[str]:
 
     walk(toc)
     return [re.sub(r"\.(md|ipynb|rst)$", "", f) for f in files]
+
+
+def check_explorers(html_dir: Path, docs: list[str]) -> list[str]:
+    """Problems with the explorers' HTML views: missing where a notebook uses lecture_kit.widgets,
+    or holding one picture (the build's LECTURE_KIT_STATIC_FRAMES=1 did not reach the kernel)."""
+    problems: list[str] = []
+    for doc in docs:
+        notebook, page = ROOT / f"{doc}.ipynb", html_dir / f"{doc}.html"
+        if not (notebook.is_file() and page.is_file()):
+            continue
+        html = page.read_text(encoding="utf8", errors="replace")
+        views = [json.loads(block) for block in EXPLORER_DATA.findall(html)]
+        found = []
+        if "lecture_kit.widgets import" in notebook.read_text(encoding="utf8") and not views:
+            found.append(f"{doc}.html shows no explorer that moves without a kernel (lk-frames)")
+        if any(len(view["frames"]) < 2 for view in views):
+            found.append(f"{doc}.html: an explorer holds one picture only (was LECTURE_KIT_STATIC_FRAMES=1 "
+                         "set for the build?)")
+        problems += found
+        if views and not found:
+            print(f"✓ explorer {doc}: {' + '.join(str(len(v['frames'])) for v in views)} pictures; "
+                  f"page {page.stat().st_size / 1e6:.1f} MB")
+    return problems
 
 
 def check_assets(html_dir: Path, docs: list[str], local_widgets: bool) -> list[str]:
@@ -159,7 +188,8 @@ def main() -> int:
             problems.append(f"{doc}.html shows an error output")
         print(f"✓ notebook {doc}: {html.count('✓')} check mark(s) on the page")
 
-    # 3. the site is self-contained: it reads offline
+    # 3. the explorers move without a kernel; 4. the site is self-contained: it reads offline
+    problems += check_explorers(args.html, docs)
     problems += check_assets(args.html, docs, args.local_widgets)
 
     if problems:

@@ -1,10 +1,17 @@
 """Two interactive pictures: the semiseparable explorer (zone 2) and the hidden-attention viewer (zone 5).
 
 Each is an object holding ipywidgets controls and a matplotlib ``figure`` that the controls redraw
-(``render()``).  Displayed in a notebook (as a cell's last value, or with ``display``), it shows the
-controls and below them the figure as a PNG output.  That PNG is an ordinary output, so a page built
-without a kernel (the book) still shows the initial picture; with a kernel each redraw replaces the
-same output in place (a display id), so the picture is never shown twice.
+(``render()``).  Displayed in a notebook (as a cell's last value, or with ``display``), it is one
+output that offers two views of itself, and each front end shows the one it can run:
+
+* a widget: the controls above the picture (an ``ipywidgets.Image``), redrawn live by the kernel,
+  which JupyterLab, Colab or VS Code show;
+* HTML that moves without a kernel (``static_html``): the picture precomputed for a grid of the main
+  controls' values, behind HTML controls and a few lines of JavaScript that switch between the
+  pictures.  The book's pages show this view (its ``_config.yml`` ranks text/html above widget
+  views).  Drawing the grid takes about a second a picture, so it is drawn only where the
+  environment variable ``LECTURE_KIT_STATIC_FRAMES`` is ``1`` (the book build sets it); elsewhere
+  the HTML holds the current picture alone, and no notebook waits for pictures nobody will see.
 
     semiseparable_explorer()        which mixer, T, state size, decay, chunk size, seed → the T×T
                                     matrix with its chunk grid, its measured semiseparable rank, and
@@ -16,13 +23,19 @@ Sizes stay CPU-friendly: T ≤ 256 (the rank measurement is T singular value dec
 """
 from __future__ import annotations
 
+import base64
+import html
 import io
+import itertools
+import json
+import math
+import os
 import uuid
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import ipywidgets
+import PIL.Image
 import torch
-from IPython.display import Image, display, update_display
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -37,6 +50,8 @@ MATRIX_KINDS = {"SSD (Mamba-2)": "ssd", "RetNet": "retnet", "GLA": "gla", "RWKV-
                 "linear attention": "linear", "softmax attention": "softmax"}
 #: Largest sequence length the widgets accept.
 MAX_LENGTH = 256
+#: The state sizes the explorer's HTML view offers (with the explorer's own).
+STATIC_STATE_SIZES = (1, 2, 4, 8, 16)
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -74,29 +89,184 @@ def example_matrix(kind: str, *, length: int, state_size: int, decay: float = 0.
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
+#: Environment variable that, set to "1", makes the HTML view hold the precomputed pictures.
+STATIC_FRAMES_ENV = "LECTURE_KIT_STATIC_FRAMES"
+#: Resolution of the precomputed pictures (the live one is drawn at 100 dpi; a page column is narrower).
+STATIC_DPI = 80
+#: Colours of the precomputed pictures (indexed PNGs: some 15 to 25 kB each, a third more in base64).
+STATIC_COLOURS = 256
+#: Most pictures the viewer's HTML view holds (the explorer's holds at most 6 × 6).
+MAX_STATIC_FRAMES = 48
+
+# The HTML view's script: on every move of a control, show the picture and readout of the grid
+# point the controls select.  Frame i of the grid point (i_0, ..., i_{k-1}) is sum_a i_a * stride_a.
+_PLAYER_JS = """(function () {
+  var root = document.getElementById(%(id)s);
+  var data = JSON.parse(root.querySelector("script.lk-frames-data").textContent);
+  var picture = root.querySelector("img.lk-frames-picture");
+  var readout = root.querySelector(".lk-frames-readout");
+  var controls = root.querySelectorAll("[data-axis]");
+  data.frames[data.initial] = picture.src;     // the first picture is stored only in the <img>
+  function show() {
+    var frame = 0;
+    controls.forEach(function (control) {
+      var axis = Number(control.dataset.axis), index = Number(control.value);
+      frame += index * data.strides[axis];
+      var value = root.querySelector("output[data-value-of='" + axis + "']");
+      if (value) value.textContent = data.options[axis][index];
+    });
+    picture.src = data.frames[frame];
+    readout.innerHTML = data.readouts[frame];
+  }
+  controls.forEach(function (control) { control.addEventListener("input", show); });
+})();"""
+
+
+class FrameAxis(NamedTuple):
+    """One control of an HTML view: its ``label``, the label of each of its values (``options``),
+    the index of the value shown first (``initial``), and whether it is a slider (ordered values)
+    or a menu.  An axis with one value is written as text, without a control."""
+    label: str
+    options: Sequence[str]
+    initial: int
+    slider: bool
+
+
+def frame_player(axes: Sequence[FrameAxis], frames: Sequence[bytes], readouts: Sequence[str], *,
+                 facts: Sequence[str] = (), note: str = "") -> str:
+    """HTML that switches between precomputed pictures as the reader moves its controls; no kernel.
+
+    ``frames`` are PNG images and ``readouts`` the HTML line shown above each, one per grid point,
+    in row-major order over ``axes``: the picture for the option indices (i_0, …, i_{k−1}) is
+    number Σ_a i_a·stride_a, with stride_a = Π_{b>a} len(axes[b].options).  A slider is an
+    ``<input type=range>`` over the option indices (its value label beside it), a menu a
+    ``<select>``; ``facts`` (plain text, e.g. "T = 48") stand after the controls and ``note``
+    (plain text) closes the block.  The pictures travel as data URIs inside
+    the HTML, so the block needs no file and no server.  Returns the HTML (a ``<div>``).
+    """
+    if not axes or any(not axis.options or not 0 <= axis.initial < len(axis.options) for axis in axes):
+        raise ValueError("axes must be a non-empty list of FrameAxis, each with options and an initial "
+                         "index among them")
+    sizes = [len(axis.options) for axis in axes]
+    if len(frames) != math.prod(sizes) or len(readouts) != len(frames):
+        raise ValueError(f"frames and readouts must hold one entry per grid point, {math.prod(sizes)} "
+                         f"for axes of sizes {sizes}; got {len(frames)} and {len(readouts)}")
+    strides = [math.prod(sizes[a + 1:]) for a in range(len(sizes))]
+    initial = sum(axis.initial * stride for axis, stride in zip(axes, strides))
+    uris = [f"data:image/png;base64,{base64.b64encode(frame).decode()}" for frame in frames]
+
+    controls = []
+    for a, axis in enumerate(axes):
+        label = html.escape(axis.label)
+        if len(axis.options) == 1:
+            controls.append(f"<span>{label} = {html.escape(axis.options[0])}</span>")
+        elif axis.slider:
+            controls.append(f'<label>{label} <input type="range" data-axis="{a}" min="0" '
+                            f'max="{len(axis.options) - 1}" step="1" value="{axis.initial}"> '
+                            f'<output data-value-of="{a}">{html.escape(axis.options[axis.initial])}</output>'
+                            f'</label>')
+        else:
+            options = "".join(f'<option value="{i}"{" selected" if i == axis.initial else ""}>'
+                              f'{html.escape(option)}</option>' for i, option in enumerate(axis.options))
+            controls.append(f'<label>{label} <select data-axis="{a}">{options}</select></label>')
+    controls += [f"<span>{html.escape(fact)}</span>" for fact in facts]
+    data = {"strides": strides, "initial": initial, "options": [list(axis.options) for axis in axes],
+            "frames": [uri if i != initial else "" for i, uri in enumerate(uris)], "readouts": list(readouts)}
+    block_id = f"lk-frames-{uuid.uuid4().hex}"
+    script_safe = json.dumps(data).replace("</", "<\\/")       # no "</script>" inside the script
+    block = (f'<div class="lk-frames" id="{block_id}">'
+            f'<div class="lk-frames-controls" style="display:flex;flex-wrap:wrap;gap:0.3em 1.5em;'
+            f'align-items:center">{"".join(controls)}</div>'
+            f'<div class="lk-frames-readout">{readouts[initial]}</div>'
+            f'<img class="lk-frames-picture" style="max-width:100%" alt="{html.escape(note)}" '
+            f'src="{uris[initial]}">'
+            f'<div class="lk-frames-note" style="font-size:85%;opacity:0.75">{html.escape(note)}</div>'
+            f'<script type="application/json" class="lk-frames-data">{script_safe}</script>'
+            f'<script>{_PLAYER_JS % {"id": json.dumps(block_id)}}</script></div>')
+    return block.encode("ascii", "xmlcharrefreplace").decode()     # whatever the page's charset
+
+
+def _static_frames_wanted() -> bool:
+    """Whether this process draws the HTML views' grids (``STATIC_FRAMES_ENV`` is ``1``)."""
+    return os.environ.get(STATIC_FRAMES_ENV) == "1"
+
+
 class _LiveFigure:
-    """Controls (``self.controls``) above a figure (``self.figure``), shown as a PNG with a display id."""
+    """Controls (``self.controls``) above a figure (``self.figure``): one output, two views.
+
+    Subclasses draw one setting of the controls with ``_draw`` (picture and readout), redraw from
+    the controls with ``render()``, and give their HTML view's grid in ``static_html``.
+    """
 
     def __init__(self, figsize: tuple[float, float]):
-        self.figure = Figure(figsize=figsize, layout="constrained")
+        self.figure = Figure(figsize=figsize)
         FigureCanvasAgg(self.figure)                 # draws without pyplot, whatever the backend
-        self._display_id = f"lecture-kit-{uuid.uuid4().hex}"
+        self.picture = ipywidgets.Image(format="png", layout=ipywidgets.Layout(max_width="100%"))
+        self._view = None                            # the widget view, made when first shown
         self._shown = False
 
-    def png(self) -> bytes:
-        """The current figure as PNG bytes (what the notebook output shows)."""
+    def png(self, dpi: float = 100, palette: int | None = None) -> bytes:
+        """The current figure as PNG bytes (what the notebook output shows).
+
+        ``palette``: reduce the picture to at most this many colours (an indexed PNG, about a third
+        of the size: the precomputed pictures of ``static_html`` use 256).
+        """
         buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", dpi=100)
+        self.figure.savefig(buffer, format="png", dpi=dpi)
+        if palette is None:
+            return buffer.getvalue()
+        buffer.seek(0)
+        indexed = PIL.Image.open(buffer).convert("RGB").quantize(
+            colors=palette, method=PIL.Image.Quantize.MEDIANCUT, dither=PIL.Image.Dither.NONE)
+        buffer = io.BytesIO()
+        indexed.save(buffer, format="png", optimize=True)
         return buffer.getvalue()
 
-    def _publish(self) -> None:
-        if self._shown:
-            update_display(Image(data=self.png(), format="png"), display_id=self._display_id)
+    def _redraw(self, draw: Callable, *point) -> None:
+        """``draw(*point)`` into the cleared figure, laid out once and then held in place.
 
-    def _ipython_display_(self) -> None:
-        display(self.controls)
-        display(Image(data=self.png(), format="png"), display_id=self._display_id)
+        Constrained layout runs again at every draw and moves the axes a little each time (for
+        the viewer it never settles), so the same figure would give a different PNG at each save.
+        Laid out here once and switched off, it gives one picture per setting of the controls.
+        """
+        self.figure.clear()
+        self.figure.set_layout_engine("constrained")
+        draw(*point)
+        self.figure.canvas.draw()
+        self.figure.set_layout_engine("none")
+
+    def _publish(self) -> None:
+        if self._shown:                              # a picture nobody sees is not drawn
+            self.picture.value = self.png()
+
+    def _static_page(self, axes: Sequence[FrameAxis], values: Sequence[Sequence], draw: Callable,
+                     *, facts: Sequence[str], note: str) -> str:
+        """``frame_player`` over the grid ``values`` (one list per axis): ``draw(*point)`` draws the
+        picture and sets the readout of one grid point.
+
+        Draws every grid point, then the controls' own setting again (``render``): the figure, the
+        readout and the attributes that ``render`` sets are left as they were.
+        """
+        frames, readouts = [], []
+        try:
+            for point in itertools.product(*values):
+                self._redraw(draw, *point)
+                frames.append(self.png(dpi=STATIC_DPI, palette=STATIC_COLOURS))
+                readouts.append(self.readout.value)
+        finally:
+            self.render()
+        return frame_player(axes, frames, readouts, facts=facts, note=note)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """The widget (controls above the picture) and ``static_html()``: each front end picks one."""
+        self.picture.value = self.png()
         self._shown = True
+        if self._view is None:
+            self._view = ipywidgets.VBox([self.controls, self.picture])
+        bundle = self._view._repr_mimebundle_()
+        bundle["text/plain"] = repr(self)
+        bundle["text/html"] = self.static_html()
+        return bundle
 
 
 class SemiseparableExplorer(_LiveFigure):
@@ -158,9 +328,15 @@ class SemiseparableExplorer(_LiveFigure):
 
     def render(self) -> None:
         """Recompute the matrix, its rank and the block's singular values; redraw."""
-        kind, T, N, Q = self.kind.value, self.length.value, self.state_size.value, self.chunk_size.value
+        self._redraw(self._draw, self.kind.value, self.state_size.value, self.length.value,
+                     self.decay.value, self.chunk_size.value, self.seed.value)
+        self._publish()
+
+    def _draw(self, kind: str, N: int, T: int, decay: float, Q: int, seed: int) -> None:
+        """Draw the picture (into the cleared figure) and set the readout and the attributes for one
+        setting of the controls."""
         name = next(label for label, key in MATRIX_KINDS.items() if key == kind)
-        M = example_matrix(kind, length=T, state_size=N, decay=self.decay.value, seed=self.seed.value)
+        M = example_matrix(kind, length=T, state_size=N, decay=decay, seed=seed)
         self.matrix, self.rank = M, semiseparable_rank(M)
         self.bound = (T + 1) // 2 if kind == "softmax" else N
         sigma_max = torch.linalg.matrix_norm(M, ord=2).item()
@@ -174,7 +350,6 @@ class SemiseparableExplorer(_LiveFigure):
             verdict = f"semiseparable rank {self.rank} ≤ state size N = {N}"
         self.readout.value = f"<b>{name}</b>: {verdict}"
 
-        self.figure.clear()
         ax_matrix, ax_sigma = self.figure.subplots(1, 2, width_ratios=[1.3, 1])
         self.figure.suptitle(f"{name}, T = {T}: {verdict}")
         matrix_heatmap(ax_matrix, M, chunk_size=Q, title=f"M (chunk grid Q = {Q})")
@@ -187,7 +362,29 @@ class SemiseparableExplorer(_LiveFigure):
             singular_values(ax_sigma, self.block_singular_values, relative_to=sigma_max, threshold=cut_off,
                             state_size=None if kind == "softmax" else N,
                             title=f"singular values of the block {block}")
-        self._publish()
+
+    def static_html(self, frames: bool | None = None) -> str:
+        """The explorer as HTML that moves without a kernel (``frame_player``).
+
+        With ``frames`` (default: whether ``LECTURE_KIT_STATIC_FRAMES`` is ``1``), a menu of every
+        matrix and a slider over the state sizes ``STATIC_STATE_SIZES`` (and the current N), each
+        pair drawn at the current T, decay, chunk size and seed: 6 × 5 or 6 × 6 pictures.  Without,
+        the current picture alone.  The widgets and the figure are left as they were.
+        """
+        frames = _static_frames_wanted() if frames is None else frames
+        kind, N = self.kind.value, self.state_size.value
+        kinds = list(MATRIX_KINDS.values()) if frames else [kind]
+        sizes = sorted({*STATIC_STATE_SIZES, N}) if frames else [N]
+        T, decay, Q, seed = self.length.value, self.decay.value, self.chunk_size.value, self.seed.value
+        label_of = {key: label for label, key in MATRIX_KINDS.items()}
+        axes = [FrameAxis("matrix", [label_of[k] for k in kinds], kinds.index(kind), slider=False),
+                FrameAxis("state size N", [str(n) for n in sizes], sizes.index(N), slider=True)]
+        facts = [f"T = {T}", f"decay = {decay:.3g}", f"chunk Q = {Q}", f"seed = {seed}"]
+        note = (f"{len(kinds) * len(sizes)} pictures, precomputed when the page was built: every "
+                f"matrix, N in {{{', '.join(map(str, sizes))}}}. " if frames else
+                "The picture for these settings, drawn when the page was built. ")
+        return self._static_page(axes, [kinds, sizes], lambda k, n: self._draw(k, n, T, decay, Q, seed),
+                                 facts=facts, note=note + "Run the notebook to move every control.")
 
     def __repr__(self) -> str:
         return (f"SemiseparableExplorer(kind={self.kind.value!r}, T={self.length.value}, "
@@ -205,7 +402,8 @@ def semiseparable_explorer(kind: str = "ssd", length: int = 48, state_size: int 
     beside the state size N — equal for every mixer and for linear attention at moderate decay
     (strong decay can push the smallest singular values under the cut-off), ⌈T/2⌉ for softmax.
 
-    Returns the explorer; as a cell's last value it displays itself (controls, then the picture).
+    Returns the explorer; as a cell's last value it displays itself: live controls above the
+    picture where a kernel runs, and ``static_html()`` on a page without one.
     """
     return SemiseparableExplorer(kind, length, state_size, decay, chunk_size, seed)
 
@@ -352,17 +550,51 @@ class HiddenAttentionViewer(_LiveFigure):
 
     def render(self) -> None:
         """Redraw the chosen layer's and head's matrix with the chosen normalisation."""
-        layer, head, how = self.layer.value, self.head.value, self.normalisation.value
+        self._redraw(self._draw, self.layer.value, self.head.value, self.normalisation.value)
+        self._publish()
+
+    def _draw(self, layer: int, head: int, how: str) -> None:
+        """Draw one head's normalised matrix (into the cleared figure); set the readout and ``matrix``."""
         self.matrix = normalise_attention(self.matrices[layer][head], how)
         how_label = next(label for label, key in NORMALISATIONS.items() if key == how)
         T = len(self.tokens)
         self.readout.value = (f"layer {layer}, head {head} of {self.matrices[layer].shape[0]}; T = {T}; "
                               f"M = L ∘ (C Bᵀ)·diag(Δ), {how_label}")
-        self.figure.clear()
         ax = self.figure.subplots()
         matrix_heatmap(ax, self.matrix, labels=[self.labels[i] for i in self.tokens.tolist()],
                        title=f"hidden attention, layer {layer}, head {head} ({how_label})")
-        self._publish()
+
+    def static_html(self, frames: bool | None = None) -> str:
+        """The viewer as HTML that moves without a kernel (``frame_player``), on the current tokens.
+
+        With ``frames`` (default: whether ``LECTURE_KIT_STATIC_FRAMES`` is ``1``), a slider over
+        the layers, one over the heads and a menu of the normalisations: every combination drawn,
+        as long as that makes at most ``MAX_STATIC_FRAMES`` pictures; beyond, the layer is held at
+        the current one, then the normalisation, then the head.  Without, the current picture
+        alone.  The widgets and the figure are left as they were.
+        """
+        frames = _static_frames_wanted() if frames is None else frames
+        layer, head, how = self.layer.value, self.head.value, self.normalisation.value
+        heads_per_layer = {m.shape[0] for m in self.matrices}
+        layers = list(range(len(self.matrices))) if frames and len(heads_per_layer) == 1 else [layer]
+        heads = list(range(self.matrices[layer].shape[0])) if frames else [head]
+        hows = list(NORMALISATIONS.values()) if frames else [how]
+        if len(layers) * len(heads) * len(hows) > MAX_STATIC_FRAMES:
+            layers = [layer]
+        if len(heads) * len(hows) > MAX_STATIC_FRAMES:
+            hows = [how]
+        if len(heads) > MAX_STATIC_FRAMES:
+            heads = [head]
+        label_of = {key: label for label, key in NORMALISATIONS.items()}
+        axes = [FrameAxis("layer", [str(i) for i in layers], layers.index(layer), slider=True),
+                FrameAxis("head", [str(i) for i in heads], heads.index(head), slider=True),
+                FrameAxis("normalise", [label_of[h] for h in hows], hows.index(how), slider=False)]
+        count = len(layers) * len(heads) * len(hows)
+        note = (f"{count} pictures, precomputed when the page was built for these tokens. " if count > 1
+                else "The picture for these settings, drawn when the page was built. ")
+        return self._static_page(axes, [layers, heads, hows], self._draw,
+                                 facts=[f"tokens: {self._to_text(self.tokens.tolist())}"],
+                                 note=note + "Run the notebook to type other tokens.")
 
     def __repr__(self) -> str:
         return (f"HiddenAttentionViewer(T={len(self.tokens)}, layer={self.layer.value}, head={self.head.value}, "
@@ -379,6 +611,7 @@ def hidden_attention_viewer(model=None, tokens=None, labels: Sequence[str] | Non
     axes and in the text box (default: the ids themselves).  The text box takes space-separated
     token names; the normalisation is raw, |M| min–max or row-normalised (``normalise_attention``).
 
-    Returns the viewer; as a cell's last value it displays itself (controls, then the picture).
+    Returns the viewer; as a cell's last value it displays itself: live controls above the picture
+    where a kernel runs, and ``static_html()`` on a page without one.
     """
     return HiddenAttentionViewer(model, tokens, labels)

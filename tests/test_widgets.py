@@ -1,8 +1,19 @@
 """The two widgets, headless: each builds its figure without a kernel, its controls redraw it, the
 numbers it shows are the right ones (the rank equals the state size for every mixer and ⌈T/2⌉ for
-softmax attention; the hidden attention is the model's), and displayed it leaves a PNG that later
-redraws replace in place.  Plus the plotting helpers they draw with."""
+softmax attention; the hidden attention is the model's), and displayed it is one output with two
+views: the live widget, whose picture later redraws replace, and HTML whose precomputed pictures
+are the ones the live widget draws at each setting, switched by its script in a real browser.
+Plus the plotting helpers they draw with."""
+import base64
+import importlib.util
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -11,8 +22,12 @@ from lecture_kit import plots, widgets
 from lecture_kit.blocks import TinyMamba2LM, seeded
 from lecture_kit.semiseparable import default_tolerance
 from lecture_kit.testing import random_inputs
-from lecture_kit.widgets import (HiddenAttentionViewer, SemiseparableExplorer, example_matrix,
-                                 hidden_attention_viewer, normalise_attention, semiseparable_explorer)
+from lecture_kit.widgets import (MATRIX_KINDS, NORMALISATIONS, STATIC_COLOURS, STATIC_DPI, STATIC_FRAMES_ENV,
+                                 FrameAxis, HiddenAttentionViewer, SemiseparableExplorer, example_matrix,
+                                 frame_player, hidden_attention_viewer, normalise_attention,
+                                 semiseparable_explorer)
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 MIXER_KINDS = ["ssd", "retnet", "gla", "rwkv7", "linear"]
 
@@ -99,19 +114,131 @@ def test_explorer_rejects_bad_arguments():
             SemiseparableExplorer(**kwargs)
 
 
-def test_displaying_leaves_a_png_that_redraws_replace_in_place(monkeypatch):
-    shown, updated = [], []
-    monkeypatch.setattr(widgets, "display", lambda obj, **kw: shown.append((obj, kw)))
-    monkeypatch.setattr(widgets, "update_display", lambda obj, **kw: updated.append((obj, kw)))
+def html_view(html):
+    """What an HTML view holds: its script's data, and its pictures as pixel arrays in grid order."""
+    data = json.loads(re.search(r'<script type="application/json" class="lk-frames-data">(.*?)</script>',
+                                html, re.S).group(1))
+    data["frames"][data["initial"]] = re.search(r'<img class="lk-frames-picture"[^>]*src="([^"]+)"', html).group(1)
+    pictures = [pixels(base64.b64decode(uri.removeprefix("data:image/png;base64,"))) for uri in data["frames"]]
+    return data, pictures
+
+
+def pixels(png):
+    return np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def static_picture(widget):
+    """The widget's current figure as the HTML view stores it."""
+    return pixels(widget.png(dpi=STATIC_DPI, palette=STATIC_COLOURS))
+
+
+def test_displayed_it_offers_the_live_widget_and_html_whose_picture_redraws_replace(monkeypatch):
+    monkeypatch.delenv(STATIC_FRAMES_ENV, raising=False)
     explorer = SemiseparableExplorer(length=16, chunk_size=4)
-    assert not updated                                       # nothing shown yet, nothing to update
-    explorer._ipython_display_()
-    (controls, _), (picture, picture_kw) = shown
-    assert controls is explorer.controls
-    assert picture.format == "png" and picture.data.startswith(b"\x89PNG") and picture_kw["display_id"]
+    explorer.state_size.value = 3
+    assert explorer.picture.value == b""                     # not shown yet: no PNG drawn
+    bundle = explorer._repr_mimebundle_()
+    assert bundle["text/plain"] == repr(explorer)
+    assert bundle[WIDGET_VIEW]["model_id"] == explorer._view.model_id
+    assert explorer._view.children == (explorer.controls, explorer.picture)
+    first = explorer.picture.value
+    np.testing.assert_array_equal(pixels(first), pixels(explorer.png()))
+    data, pictures = html_view(bundle["text/html"])           # no frames asked for: the current picture alone
+    assert len(pictures) == 1 and "<input" not in bundle["text/html"] and "<select" not in bundle["text/html"]
+    np.testing.assert_array_equal(pictures[0], static_picture(explorer))
+    assert "N = 3" in bundle["text/html"] and data["readouts"] == [explorer.readout.value]
     explorer.state_size.value = 2
-    (new_picture, new_kw), = updated
-    assert new_kw["display_id"] == picture_kw["display_id"] and new_picture.data != picture.data
+    assert explorer.picture.value != first
+    np.testing.assert_array_equal(pixels(explorer.picture.value), pixels(explorer.png()))
+
+
+def test_explorer_html_view_holds_the_live_picture_of_every_matrix_and_state_size(monkeypatch):
+    monkeypatch.setenv(STATIC_FRAMES_ENV, "1")
+    # three of the six matrices and, with the explorer's own N = 3, two state sizes: 3 × 2 pictures
+    kinds = {label: key for label, key in MATRIX_KINDS.items() if key in ("ssd", "rwkv7", "softmax")}
+    monkeypatch.setattr(widgets, "MATRIX_KINDS", kinds)
+    monkeypatch.setattr(widgets, "STATIC_STATE_SIZES", (2,))
+    explorer = SemiseparableExplorer(kind="rwkv7", length=12, state_size=3, chunk_size=4)
+    before = static_picture(explorer), explorer.readout.value, explorer.rank
+    html = explorer.static_html()
+    data, pictures = html_view(html)
+    assert data["options"] == [list(kinds), ["2", "3"]] and data["strides"] == [2, 1]
+    assert data["initial"] == 2 * 1 + 1 and len(pictures) == len(data["readouts"]) == 6
+    assert re.search(r'<select data-axis="0">(<option [^>]*>[^<]*</option>){3}</select>', html)
+    assert re.search(r'<input type="range" data-axis="1" min="0" max="1" step="1" value="1">', html)
+    assert len({picture.tobytes() for picture in pictures}) == 6            # six different pictures
+    for kind, N in (("ssd", 2), ("softmax", 3), ("rwkv7", 2)):
+        fresh = SemiseparableExplorer(kind=kind, length=12, state_size=N, chunk_size=4)
+        index = 2 * list(kinds.values()).index(kind) + N - 2
+        np.testing.assert_array_equal(pictures[index], static_picture(fresh))
+        assert data["readouts"][index] == fresh.readout.value
+    after = static_picture(explorer), explorer.readout.value, explorer.rank
+    np.testing.assert_array_equal(after[0], before[0])          # the widget is left as it was
+    assert after[1:] == before[1:]
+
+
+def test_viewer_html_view_holds_every_layer_head_and_normalisation_within_the_cap(monkeypatch):
+    model = seeded(TinyMamba2LM, 6, 8, 2, seed=3, d_state=4, headdim=8)       # 2 layers of 2 heads
+    viewer = HiddenAttentionViewer(model, tokens=[0, 1, 2, 3, 4, 5, 0, 1])
+    viewer.head.value = 1
+    data, pictures = html_view(viewer.static_html(frames=True))
+    hows = list(NORMALISATIONS.values())
+    assert data["options"] == [["0", "1"], ["0", "1"], list(NORMALISATIONS)]
+    assert len(pictures) == 2 * 2 * 3 and data["initial"] == 1 * 3
+    assert len({picture.tobytes() for picture in pictures}) == 12
+    other = HiddenAttentionViewer(model, tokens=[0, 1, 2, 3, 4, 5, 0, 1])
+    for layer, head, how in ((1, 0, "rows"), (0, 1, "minmax")):
+        other.layer.value, other.head.value, other.normalisation.value = layer, head, how
+        index = 6 * layer + 3 * head + hows.index(how)
+        np.testing.assert_array_equal(pictures[index], static_picture(other))
+        assert data["readouts"][index] == other.readout.value
+    assert viewer.head.value == 1 and torch.equal(viewer.matrix, normalise_attention(viewer.matrices[0][1], "raw"))
+    monkeypatch.setattr(widgets, "MAX_STATIC_FRAMES", 4)       # too many: layer, then normalisation held
+    data, pictures = html_view(viewer.static_html(frames=True))
+    assert data["options"] == [["0"], ["0", "1"], ["raw"]] and len(pictures) == 2
+
+
+def test_frame_player_rejects_a_grid_that_does_not_match_its_frames():
+    axes = [FrameAxis("x", ["a", "b"], 0, slider=True), FrameAxis("y", ["c", "d", "e"], 2, slider=False)]
+    with pytest.raises(ValueError, match="frames"):
+        frame_player(axes, [b"png"] * 5, ["r"] * 5)
+    with pytest.raises(ValueError, match="frames and readouts"):
+        frame_player(axes, [b"png"] * 6, ["r"] * 5)
+    with pytest.raises(ValueError, match="axes"):
+        frame_player([FrameAxis("x", ["a"], 1, slider=True)], [b"png"], ["r"])
+
+
+def colour_png(rgb):
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (2, 2), rgb).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_frame_player_script_switches_the_picture_in_a_browser(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "screenshot_pages", Path(__file__).resolve().parent.parent / "tools" / "screenshot_pages.py")
+    screenshot_pages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot_pages)
+    axes = [FrameAxis("x", ["a", "b", "c"], 0, slider=True), FrameAxis("y", ["d", "e"], 1, slider=False)]
+    frames = [colour_png((40 * i, 0, 0)) for i in range(6)]
+    page = tmp_path / "player.html"
+    page.write_text(frame_player(axes, frames, [f"frame <b>{i}</b>" for i in range(6)], facts=["T = 8"]))
+    uri = lambda i: "data:image/png;base64," + base64.b64encode(frames[i]).decode()
+    state = """(() => ({src: document.querySelector('img').src,
+                        readout: document.querySelector('.lk-frames-readout').innerHTML,
+                        x: document.querySelector('output').textContent}))()"""
+    move = "const c = document.querySelector('[data-axis=\"%d\"]'); c.value = %d; c.dispatchEvent(new Event('input'))"
+    browser = screenshot_pages.Chromium(shutil.which("chromium"), offline=True, width=600, height=400)
+    try:
+        _, session = browser.open(page.as_uri())
+        assert browser.evaluate(state, session) == {"src": uri(1), "readout": "frame <b>1</b>", "x": "a"}
+        browser.evaluate(move % (0, 2), session)                  # slider x to "c": frame 2·2 + 1
+        assert browser.evaluate(state, session) == {"src": uri(5), "readout": "frame <b>5</b>", "x": "c"}
+        browser.evaluate(move % (1, 0), session)                  # menu y to "d": frame 2·2 + 0
+        assert browser.evaluate(state, session) == {"src": uri(4), "readout": "frame <b>4</b>", "x": "c"}
+    finally:
+        browser.close()
 
 
 def test_viewer_shows_the_models_hidden_attention_and_its_controls_redraw():

@@ -1,8 +1,8 @@
 """Screenshots of pages of a built site in headless Chromium, and what the browser saw on them.
 
     python tools/screenshot_pages.py _build/html book/notation notebooks/02_intuition --offline
-    python tools/screenshot_pages.py _build/html notebooks/02_intuition --selector ".cell_output" \\
-        --step "const s = document.querySelector('input[type=range]'); s.value = 3; \\
+    python tools/screenshot_pages.py _build/html notebooks/02_intuition --offline --selector .lk-frames \\
+        --step "const s = document.querySelector('.lk-frames input[type=range]'); s.value = 4; \\
                 s.dispatchEvent(new Event('input'))"
 
 The site is served from a local HTTP server on 127.0.0.1 (or opened as file:// URLs with
@@ -62,6 +62,7 @@ class Chromium:
     ``call(method, params, session)`` sends one command and returns its result; the events that
     arrive meanwhile are kept in ``events`` (one list per session id). With ``block_external``
     set, every paused request (Fetch domain) whose URL does not start with it is failed.
+    ``offline`` makes every host name resolve to nothing (127.0.0.1 is reached by address).
     """
 
     def __init__(self, executable: str, *, offline: bool, width: int, height: int):
@@ -91,6 +92,7 @@ class Chromium:
         self._next_id = 0
         self.events: dict[str | None, list[dict]] = {}
         self.block_external: str | None = None
+        self.width, self.height = width, height
 
     def _send(self, method: str, params: dict, session: str | None) -> int:
         self._next_id += 1
@@ -158,6 +160,26 @@ class Chromium:
         except TimeoutError:
             pass
 
+    def open(self, url: str, timeout: float = 60.0) -> tuple[str, str]:
+        """Load ``url`` in a new tab of the window's size and wait for its load event.
+
+        Returns the tab's target id and DevTools session id; RuntimeError if the page fails to
+        load.  With ``block_external`` set, the tab's requests go through the Fetch domain.
+        """
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Network", "Log"):
+            self.call(f"{domain}.enable", {}, session)
+        self.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height,
+                                                         "deviceScaleFactor": 1, "mobile": False}, session)
+        if self.block_external is not None:
+            self.call("Fetch.enable", {"patterns": [{"urlPattern": "*"}]}, session)
+        navigation = self.call("Page.navigate", {"url": url}, session)
+        if navigation.get("errorText"):
+            raise RuntimeError(f"{url}: {navigation['errorText']}")
+        self.wait_for("Page.loadEventFired", session, timeout)
+        return target, session
+
     def evaluate(self, expression: str, session: str, timeout: float = 60.0):
         """The value of a JavaScript expression in the page (promises awaited; as in the DevTools
         console, a ``const`` may be declared again by a later expression)."""
@@ -193,42 +215,53 @@ def serve(site: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-def element_clip(browser: Chromium, session: str, selector: str) -> dict:
-    """The page rectangle of the first element matching ``selector`` (a screenshot clip)."""
-    box = browser.evaluate(f"""(() => {{
-        const el = document.querySelector({json.dumps(selector)});
-        if (!el) return null;
-        el.scrollIntoView({{block: 'start'}});
-        const r = el.getBoundingClientRect();
-        return {{x: r.left + window.scrollX, y: r.top + window.scrollY,
-                 width: r.width, height: r.height}};
-    }})()""", session)
-    if box is None or box["width"] == 0 or box["height"] == 0:
-        raise RuntimeError(f"no visible element matches --selector {selector!r}")
-    return {**box, "scale": 1}
+#: Scrolls the element to the top of the window at once and hides what floats over the page (the
+#: theme's sticky header, fixed banners), so a picture of the element shows the element; returns
+#: its height, or null when no element matches.
+ELEMENT_TO_TOP_JS = """((selector) => {
+    const el = document.querySelector(selector);
+    if (!el) return null;
+    document.documentElement.style.scrollBehavior = 'auto';
+    for (const other of document.querySelectorAll('body *')) {
+        const position = getComputedStyle(other).position;
+        if ((position === 'fixed' || position === 'sticky') && !other.contains(el))
+            other.style.visibility = 'hidden';
+    }
+    el.scrollIntoView({block: 'start'});
+    return el.getBoundingClientRect().height;
+})"""
+
+#: The element's rectangle in the window (CSS pixels).
+ELEMENT_BOX_JS = """((selector) => {
+    const r = document.querySelector(selector).getBoundingClientRect();
+    return {x: r.left, y: r.top, width: r.width, height: r.height};
+})"""
 
 
 def screenshot(browser: Chromium, session: str, path: Path, selector: str | None) -> None:
+    """Save the window (or, with ``selector``, the first element that matches) as a PNG."""
     params = {"format": "png"}
     if selector is not None:
-        params.update(clip=element_clip(browser, session, selector), captureBeyondViewport=True)
+        height = browser.evaluate(f"{ELEMENT_TO_TOP_JS}({json.dumps(selector)})", session)
+        if not height:
+            raise RuntimeError(f"no visible element matches --selector {selector!r}")
+        if height > browser.height:               # a window tall enough to hold the element
+            browser.call("Emulation.setDeviceMetricsOverride", {
+                "width": browser.width, "height": int(height) + 1, "deviceScaleFactor": 1,
+                "mobile": False}, session)
+            browser.evaluate(f"{ELEMENT_TO_TOP_JS}({json.dumps(selector)})", session)
+        box = browser.evaluate(f"{ELEMENT_BOX_JS}({json.dumps(selector)})", session)
+        page = browser.call("Page.getLayoutMetrics", {}, session)["cssVisualViewport"]
+        params["clip"] = {"x": box["x"] + page["pageX"], "y": box["y"] + page["pageY"],
+                          "width": box["width"], "height": box["height"], "scale": 1}
     path.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", params, session)["data"]))
 
 
 def visit(browser: Chromium, base: str, page: str, out: Path, args) -> tuple[dict, list[str]]:
     """Load one page, take its pictures, and return its report and its problems."""
     url = base + (page if page.endswith(".html") else page + ".html")
-    target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-    session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-    for domain in ("Page", "Runtime", "Network", "Log"):
-        browser.call(f"{domain}.enable", {}, session)
-    browser.call("Emulation.setDeviceMetricsOverride", {"width": args.width, "height": args.height,
-                                                        "deviceScaleFactor": 1, "mobile": False}, session)
-    if args.offline:
-        browser.call("Fetch.enable", {"patterns": [{"urlPattern": "*"}]}, session)
-    navigation = browser.call("Page.navigate", {"url": url}, session)
-    problems = [f"navigation failed: {navigation['errorText']}"] if navigation.get("errorText") else []
-    browser.wait_for("Page.loadEventFired", session, args.timeout)
+    target, session = browser.open(url, args.timeout)
+    problems = []
     browser.evaluate(MATHJAX_DONE_JS, session, args.timeout)
     browser.drain(args.settle)
 
