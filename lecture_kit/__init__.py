@@ -7,12 +7,13 @@ One module per token mixer (``ssd``, ``retnet``, ``gla``, ``rwkv7``), each with 
 What the machine offers is decided here, once, before anything imports Triton (``hardware``): with
 CUDA the kernels compile for the GPU; without it ``TRITON_INTERPRET=1`` makes the *same* kernel source
 run on the CPU through Triton's interpreter; without Triton (macOS, Windows) every form but ``kernel``
-works.  ``fast_dtype()`` is the dtype the notebooks give the kernels on this device.
+works (and ``skip_triton_cells()`` lets a notebook say so instead of failing).  ``fast_dtype()`` is the
+dtype the notebooks give the kernels on this device.
 """
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
 
 from .hardware import (DEVICE, HAS_CUDA, HAS_TRITON, TRITON_INTERPRETED, by_device, capability,
-                       fast_dtype, warn_if_gpu_unused as _warn_if_gpu_unused)
+                       fast_dtype, skip_triton_cells, warn_if_gpu_unused as _warn_if_gpu_unused)
 
 try:
     #: The installed version, from the package metadata (pyproject.toml's ``version``).
@@ -26,4 +27,4 @@ if not HAS_CUDA:
 from . import semiseparable, ssd, retnet, gla, rwkv7  # noqa: E402  (after the environment is set)
 
 __all__ = ["HAS_CUDA", "HAS_TRITON", "DEVICE", "TRITON_INTERPRETED", "by_device", "capability", "fast_dtype",
-           "semiseparable", "ssd", "retnet", "gla", "rwkv7", "__version__"]
+           "skip_triton_cells", "semiseparable", "ssd", "retnet", "gla", "rwkv7", "__version__"]

@@ -1,5 +1,6 @@
 """What this machine offers lecture_kit: a CUDA GPU and its compute capability, Triton, and the dtype
-the kernels are fastest in.  Read once, when ``lecture_kit`` is imported, which re-exports every name.
+the kernels are fastest in.  Read once, when ``lecture_kit`` is imported (which re-exports the names
+below).
 
 ``HAS_CUDA``, ``DEVICE``
     PyTorch sees a CUDA GPU; notebooks put their tensors on ``DEVICE`` and choose realistic sizes on a
@@ -16,6 +17,9 @@ the kernels are fastest in.  Read once, when ``lecture_kit`` is imported, which 
     bf16 from compute capability 8.0 (NVIDIA Ampere) on; fp16 below it, where Triton's tensor-core
     product ``tl.dot`` has no bf16 form (Colab's T4 is 7.5); fp32 on a CPU.  The kernels' entry
     points call ``check_kernel_dtype``, which turns bf16 on such a GPU into a ``ValueError``.
+``skip_triton_cells()``
+    In a notebook where Triton is missing, the cells whose first line is ``# needs Triton`` print that
+    they were skipped instead of failing, so the page still runs top to bottom.
 
 An NVIDIA driver that PyTorch cannot use (typically a PyTorch built for a newer CUDA than the driver
 supports) would otherwise send everything to the CPU in silence: ``warn_if_gpu_unused``, called at
@@ -126,6 +130,42 @@ def triton_missing_message() -> str:
     return (f"lecture_kit's kernel forms (ssd.kernel, retnet.kernel, gla.kernel, rwkv7.kernel) need Triton. "
             f"{why}. Every other form works without it: use chunked, the same chunkwise algorithm in "
             f"PyTorch, with the same arguments (e.g. lecture_kit.gla.chunked instead of gla.kernel).")
+
+
+#: The first line of a notebook cell that lists or runs the Triton kernels (see ``skip_triton_cells``).
+NEEDS_TRITON = "# needs Triton"
+
+_SKIPPED = "skipped: this cell needs Triton, which this machine lacks (see the note at the top of the page)"
+
+
+def _skip_if_marked(lines: list[str]) -> list[str]:
+    """An IPython input transformer: a cell whose first line starts with ``NEEDS_TRITON`` becomes one
+    ``print`` of the skip note; every other cell passes unchanged."""
+    if lines and lines[0].startswith(NEEDS_TRITON):
+        return [f"print({_SKIPPED!r})\n"]
+    return lines
+
+
+def skip_triton_cells() -> None:
+    """Let a notebook run top to bottom where Triton is missing (macOS, Windows).
+
+    Every later cell whose first line starts with ``# needs Triton`` prints a one-line note instead of
+    running, and this call prints what is skipped and why.  Does nothing where Triton is present, or
+    outside IPython.  Works through IPython's ``input_transformers_post``, registered once per shell.
+    """
+    if HAS_TRITON:
+        return
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or _skip_if_marked in shell.input_transformers_post:
+        return
+    shell.input_transformers_post.append(_skip_if_marked)
+    print(f"Triton is not installed on this machine ({platform.system()} {platform.machine()}): the cells "
+          f"that list or run the Triton kernels (marked '{NEEDS_TRITON}') are skipped, each with a note. "
+          f"Every PyTorch form runs and is checked as usual.")
 
 
 class Driver(NamedTuple):

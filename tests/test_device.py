@@ -166,3 +166,17 @@ def test_importing_lecture_kit_warns_once_when_the_driver_is_unused(fake_nvidia_
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("RuntimeWarning: lecture_kit: an NVIDIA driver is installed") == 1, done.stderr
     assert "PyTorch cannot use it" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the kernel forms say where Triton is missing (tests/test_without_triton.py hides it for real)
+
+def test_the_missing_triton_message_says_why_for_this_platform(monkeypatch):
+    for system, machine in (("Darwin", "arm64"), ("Windows", "AMD64")):
+        monkeypatch.setattr(hardware.platform, "system", lambda: system)
+        monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+        message = hardware.triton_missing_message()
+        assert f"not for this machine ({system} {machine})" in message and "use chunked" in message
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    assert "cannot be imported: pip install triton" in hardware.triton_missing_message()
