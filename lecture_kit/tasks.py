@@ -20,13 +20,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import trange
 
 from .blocks import _positive_int
-
-try:
-    from tqdm.auto import trange as _trange         # a progress bar when tqdm is installed
-except ImportError:
-    _trange = None
 
 #: The target of a position that is not scored (``cross_entropy``'s default ``ignore_index``).
 IGNORE = -100
@@ -80,7 +76,7 @@ def mqar_batch(n: int, generator: torch.Generator, *, pairs: int, n_keys: int, n
 
 
 def train(model: nn.Module, batches: Callable, steps: int, *, lr: float, seed: int, label: str = "training",
-          progress: bool = True, lines: int = 2) -> list[float]:
+          progress: bool = True) -> list[float]:
     """Train ``model`` (tokens [B, T] → logits [B, T, vocab]) for ``steps`` steps; return every step's loss.
 
     Step s draws ``inputs, targets = batches(generator)`` from one ``torch.Generator`` seeded with
@@ -89,19 +85,19 @@ def train(model: nn.Module, batches: Callable, steps: int, *, lr: float, seed: i
     (no weight decay) at the learning rate of a one-cycle schedule that rises to ``lr`` over the first
     10 % of the steps and anneals after (so ``steps`` > 10).  The loop draws no other random numbers.
 
-    ``progress``: a tqdm bar named ``label`` when tqdm is installed, otherwise the loss printed
-    ``lines`` times in the run; ``progress=False`` trains silently.
+    ``progress``: a progress bar named ``label`` (``tqdm.auto``: a widget in JupyterLab, text in a
+    terminal), which stays after the run with its last loss; ``progress=False`` trains silently.
     """
     _positive_int("train", "steps", steps)
-    _positive_int("train", "lines", lines)
     if steps <= 10:
         raise ValueError(f"train: steps must be more than 10 (the warm-up is 10 % of them), got {steps}")
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    bar = progress and _trange is not None
+    bar = trange(steps, desc=label, disable=not progress)
+    every = max(1, steps // 20)                 # the loss shown on the bar: ~20 updates (each a device sync)
     losses = []
-    for step in (_trange(steps, desc=label, leave=False) if bar else range(steps)):
+    for step in bar:
         inputs, targets = batches(generator)
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         opt.zero_grad()
@@ -110,8 +106,8 @@ def train(model: nn.Module, batches: Callable, steps: int, *, lr: float, seed: i
         opt.step()
         schedule.step()
         losses.append(loss.detach())
-        if progress and not bar and (step + 1) % max(1, steps // lines) == 0:
-            print(f"{label}: step {step + 1}/{steps}, loss {loss.item():.3f}")
+        if progress and ((step + 1) % every == 0 or step + 1 == steps):
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return torch.stack(losses).tolist()
 
 
