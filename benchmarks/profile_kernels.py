@@ -10,6 +10,7 @@ and its total device time per iteration.  ``bench_kernels.py`` measures; this sc
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import triton
@@ -46,14 +47,31 @@ def kernel_table(fn, inputs, backward, iterations=10):
     return rows, sum(r[2] for r in rows)
 
 
-def autotuned_choices():
-    """The configuration each lecture_kit autotuned kernel settled on (for its most recent key)."""
+def host_and_device_us(fn, inputs, calls=200):
+    """(host µs, wall µs) per forward call under ``no_grad``, after warming up: host is the time the
+    CPU takes to enqueue ``calls`` calls back to back, wall the time until the GPU has run them.
+    Host close to wall means the CPU, not the GPU, sets the pace: Python and launch overhead."""
+    with torch.no_grad():
+        for _ in range(10):
+            fn(inputs)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(inputs)
+        enqueued = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+    return (enqueued - start) / calls * 1e6, (done - start) / calls * 1e6
+
+
+def autotuned_choices(mixer):
+    """The configuration each autotuned kernel of ``mixer``'s module settled on (most recent key)."""
     from lecture_kit.kernels import gla, rwkv7, scalar_decay
-    for module in (gla, rwkv7, scalar_decay):
-        for name, fn in vars(module).items():
-            if isinstance(fn, triton.runtime.Autotuner) and fn.cache:
-                key, config = list(fn.cache.items())[-1]
-                yield f"{name} {config}"
+    module = {"gla": gla, "rwkv7": rwkv7}.get(mixer, scalar_decay)
+    for name, fn in vars(module).items():
+        if isinstance(fn, triton.runtime.Autotuner) and fn.cache:
+            key, config = list(fn.cache.items())[-1]
+            yield f"{name} {config}"
 
 
 def main():
@@ -67,14 +85,17 @@ def main():
     B = max(1, bench.TOKENS // args.T)
     for mixer in args.mixers:
         shared = bench.BUILDERS[mixer](B, args.T)
-        for name in ["lecture_kit kernel"] + ([] if args.no_peers else [PEER[mixer]]):
+        for name in ["lecture_kit kernel", "lecture_kit kernel unchecked"] + ([] if args.no_peers else [PEER[mixer]]):
             adapt, fn = implementations[(mixer, name)]
             inputs = adapt(shared) if adapt else shared
             rows, total = kernel_table(fn, inputs, args.backward)
             mode = "fwd+bwd" if args.backward else "fwd"
             print(f"\n{mixer} · {name} · {mode} · B{B} T{args.T}: {total / 1e3:.3f} ms of GPU kernels")
+            if not args.backward:
+                host, wall = host_and_device_us(fn, inputs)
+                print(f"  host {host:.0f} µs per call to enqueue, {wall:.0f} µs until done")
             if name == "lecture_kit kernel":
-                for kernel in autotuned_choices():
+                for kernel in autotuned_choices(mixer):
                     print(f"  autotune: {kernel}")
             for key, calls, us in rows:
                 print(f"  {us / 1e3:8.3f} ms  {calls:5.1f}×  {key[:110]}")

@@ -95,14 +95,25 @@ def presets():
         for warps, stages in ((4, 2), (8, 1), (8, 2)):
             yield (f"{mixer} grad", scalar._chunk_grad_kernel,
                    grad | (dict(dq_ptr=f32, dk_ptr=f32) if has_dt else {}),
-                   dict(BT=64, BK=64, BV=64, HAS_DT=has_dt, HAS_D=has_dt, DECAY_GRAD=has_dt, SUM_HEADS=has_dt,
+                   dict(BT=64, BK=64, BV=64, HAS_DT=has_dt, HAS_D=has_dt, DECAY_GRAD=has_dt, PER_HEAD=has_dt,
                         DOT_PRECISION="tf32"), warps, stages)
     f32, bf16 = "*fp32", "*bf16"
     half = dict(DOT_PRECISION="tf32", EMULATE_BF16=False)
-    intra = dict(q=bf16, k=bf16, g=f32, A=bf16, q_dec=bf16, k_dec=bf16, decay_C=f32, beta=f32, T="i32", NT="i32")
-    for bk, warps in ((16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):     # the autotuned choices
-        yield (f"gla intra BK={bk}", gla._chunk_intra_kernel, intra,
-               dict(H=16, K=128, C=64, c=16, BK=bk, STORE_BETA=False, **half), warps, 1)
+    # the intra-chunk kernels: pointers aligned and T, NT multiples of 16, as the JIT sees them at the benchmark
+    f32a, bf16a, T_NT = "*fp32:16", "*bf16:16", dict(T="i32:16", NT="i32:16")
+    shape = dict(H=16, K=128, C=64, c=16)
+    gates = dict(q=bf16a, k=bf16a, g=f32a, beta=f32a, q_dec=bf16a, k_dec=bf16a, k_sub=bf16a, decay_C=f32a, **T_NT)
+    for cfg in gla._chunk_gates_kernel.configs:                                   # the autotuned choices
+        yield (f"gla gates BK={cfg.kwargs['BK']}", gla._chunk_gates_kernel, gates,
+               dict(shape, BK=cfg.kwargs["BK"], EMULATE_BF16=False), cfg.num_warps, cfg.num_stages)
+    scores = dict(q=bf16a, beta=f32a, k_sub=bf16a, A=bf16a, T=T_NT["T"])
+    for cfg in gla._chunk_scores_kernel.configs:
+        yield (f"gla scores BK={cfg.kwargs['BK']}", gla._chunk_scores_kernel, scores,
+               dict(shape, BK=cfg.kwargs["BK"], **half), cfg.num_warps, cfg.num_stages)
+    diagonal = dict(q=bf16a, k=bf16a, g=f32a, A=bf16a, T=T_NT["T"])
+    for cfg in gla._chunk_diagonal_kernel.configs:
+        yield (f"gla diagonal BK={cfg.kwargs['BK']}", gla._chunk_diagonal_kernel, diagonal,
+               dict(shape, BK=cfg.kwargs["BK"], EMULATE_BF16=False), cfg.num_warps, cfg.num_stages)
     states = dict(x=bf16, y=bf16, decay_C=f32, h=bf16, h0=f32, ht=f32, scale="fp32", T="i32", NT="i32")
     yield ("gla states BV=64", gla._chunk_states_kernel, states,
            dict(H=16, K=128, V=128, C=64, BK=64, BV=64, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=False,
