@@ -5,8 +5,10 @@ Covered: bf16 / fp16 / fp32 inputs (g in fp32, or in the inputs' dtype); ragged 
 with chunk 16 and 64 (and 32); zero and non-zero initial states; the layer's weak gates
 logsigmoid(x)/16, plain logsigmoid(x), the strong logsigmoid(x)/0.1 of ``random_inputs``, and extreme
 ones (−60 beside 0); gradients of q, k, v, g and initial_state against fp64 autograd of the
-recurrence; the ValueErrors for unsupported input.  On a CPU the kernels run through Triton's
-interpreter with 16×16 key/value tiles, so the small sizes (B, H ≤ 2, K, V ∈ {16, 32}) still tile K and V.
+recurrence; kernel 1's parts on their own (step 0's sums and the decayed operands against fp64 torch
+cumsums, A against the diagonal blocks of ``gla.matrix``); the ValueErrors for unsupported input.  On
+a CPU the kernels run through Triton's interpreter with 16×16 key/value tiles, so the small sizes
+(B, H ≤ 2, K, V ∈ {16, 32}) still tile K and V.
 
 Bounds (math.md §5.3): fp32 inputs use IEEE ``tl.dot`` → "fp32" (1e-5) for outputs and for every
 gradient, dg included.  dg is the delicate one (§5.2: a reverse cumsum of differences whose intra-chunk
@@ -21,6 +23,7 @@ import torch
 
 import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads when there is no GPU)
 from lecture_kit import gla
+from lecture_kit.kernels import gla as gla_kernels
 from lecture_kit.kernels.gla import gla_chunked
 from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
 
@@ -92,6 +95,60 @@ def test_no_initial_state_no_final_state_g_in_bf16_and_strided_inputs():
     assert S is None
     ref_o, _ = reference(args, {})
     assert_close("o", o, ref_o, "half")
+
+
+def chunk_sums(g, C, c):
+    """fp64 references of step 0 from torch cumsums: b, b_C − b, β, γ [B, T, H, K] and b_C [B, H, NT, K]."""
+    B, T, H, K = g.shape
+    NT = -(-T // C)
+    padded = torch.zeros(B, NT * C, H, K, dtype=torch.float64, device=g.device)
+    padded[:, :T] = g.double()
+    in_chunks = padded.view(B, NT, C, H, K)
+    b = in_chunks.cumsum(2)
+    b_C = b[:, :, -1]
+    rest = b_C[:, :, None] - b                                           # b_C − b_r, from the fp64 cumsum
+    in_subs = padded.view(B, NT, C // c, c, H, K)
+    beta = in_subs.cumsum(3)
+    gamma = beta[:, :, :, -1:] - beta
+    per_token = lambda x: x.reshape(B, NT * C, H, K)[:, :T]
+    return per_token(b), per_token(rest), per_token(beta), per_token(gamma), b_C.permute(0, 2, 1, 3)
+
+
+KERNEL_1_CASES = [("fp32", 100, 64, "strong"), ("fp32", 50, 32, "extreme"), ("bf16", 45, 32, "unit"),
+                  ("fp16", 20, 16, "weak")]
+
+
+@pytest.mark.parametrize("dtype,T,chunk_size,gate", KERNEL_1_CASES, ids=["-".join(map(str, c)) for c in KERNEL_1_CASES])
+def test_kernel_1_against_torch_cumsums_and_the_matrix(dtype, T, chunk_size, gate):
+    """Kernel 1a's sums and decayed operands against fp64 torch cumsums, and A from kernels 1b-1c
+    against the diagonal C×C blocks of ``gla.matrix`` (scale 1), zeros above the diagonal included."""
+    dtype = DTYPES[dtype]
+    (q, k, _, g), _ = inputs(T=T, dtype=dtype, gate="unit" if gate == "extreme" else gate, seed=13)
+    if gate == "extreme":                          # −60 beside 0: windows of exactly zero and far below
+        g = torch.zeros_like(g)
+        g[:, 1::3, :, ::2] = -60.0
+    beta, q_dec, k_dec, k_sub, decay_C = gla_kernels._gates(q, k, g, chunk_size)
+    b, rest, ref_beta, gamma, b_C = chunk_sums(g, chunk_size, gla_kernels.SUB_CHUNK)
+    operand_bounds = "fp32" if dtype == torch.float32 else "half"
+    assert beta.dtype == torch.float32 and q_dec.dtype == k_dec.dtype == k_sub.dtype == dtype
+    assert_close("β", beta, ref_beta, "fp32")
+    assert_close("e^{b_C}", decay_C, b_C.exp().float(), "fp32")    # (what fp32 holds: e^{−500} is 0)
+    q64, k64 = q.double(), k.double()
+    assert_close("Q ⊙ e^b", q_dec, q64 * b.exp(), operand_bounds)
+    assert_close("K ⊙ e^{b_C − b}", k_dec, k64 * rest.exp(), operand_bounds)
+    assert_close("K ⊙ e^γ", k_sub, k64 * gamma.exp(), operand_bounds)
+
+    A = gla_kernels._scores(q, k, g, beta, k_sub, chunk_size)               # [B, H, T, C]
+    P = gla.matrix(q64, k64, g.double(), scale=1.0)                         # [B, H, T, T]
+    blocks = torch.zeros_like(P[..., :chunk_size])
+    for t0 in range(0, T, chunk_size):                                      # the last chunk is ragged
+        n = min(chunk_size, T - t0)
+        blocks[..., t0:t0 + n, :n] = P[..., t0:t0 + n, t0:t0 + n]
+    assert A.dtype == dtype
+    assert_close("A", A, blocks, operand_bounds)
+    position = torch.arange(T, device=A.device) % chunk_size                # row r inside its chunk
+    above = torch.arange(chunk_size, device=A.device)[None, :] > position[:, None]
+    assert (A[..., above] == 0).all(), "A must be exactly zero above the diagonal"
 
 
 def check_gradients(args, kw, chunk_size, bounds):

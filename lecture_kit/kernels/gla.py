@@ -5,29 +5,34 @@ Per batch element and head, with log forget gate g_t ∈ R^K (g ≤ 0) and state
 
     S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ            o_t = scale · S_tᵀ q_t
 
-Chunkwise form.  Cut time into chunks of C tokens (default 64) and each chunk into sub-chunks of c = 16.
-Inside chunk [i] let b be the *chunk-local* cumulative sum of g (fp32, reset at every chunk start, so
-b ≤ 0 and b decreases down the chunk); b_C is its value at the chunk's last token and S_[i] the state
-entering the chunk.  Stacking the chunk's rows into Q, K (C×K) and V (C×V):
+Chunkwise form.  Cut time into chunks of C tokens (default 64) and each chunk into NC = C/c sub-chunks of
+c = 16 rows.  Inside chunk [i] let b be the *chunk-local* cumulative sum of g (fp32, reset at every
+chunk start, so b ≤ 0 and b decreases down the chunk); b_C is its value at the chunk's last token and
+S_[i] the state entering the chunk.  For a row r let f(r) and e(r) be the first and the last row of its
+sub-chunk.  Stacking the chunk's rows into Q, K (C×K) and V (C×V):
 
-    step 0  chunk-local cumsum       b_r = g_1 + … + g_r                      (r = 1..C inside the chunk)
-            and sub-chunk-local      β_r = the same sum from the first row of r's sub-chunk
+    step 0  chunk-local sums         b_r = g_1 + … + g_r,        b_C − b_r = g_{r+1} + … + g_C
+            sub-chunk-local sums     β_r = g_f(r) + … + g_r,     γ_r = g_{r+1} + … + g_e(r)
+            and sub-chunk totals     G_J = β at J's last row = g_f + … + g_e over sub-chunk J
     step 1  inter-chunk state        S_[i+1] = diag(e^{b_C}) S_[i] + (K ⊙ e^{b_C − b})ᵀ V
     step 2  inter-chunk output       O^inter = (Q ⊙ e^{b}) S_[i]
-    step 3  off-diagonal sub-blocks  A_IJ = (Q_I ⊙ e^{b_I − b_ref}) (K_J ⊙ e^{b_ref − b_J})ᵀ     (J < I)
-                                     with b_ref = b at the first row of query sub-chunk I
-    step 4  diagonal sub-blocks      A_rs = Σ_d q_rd k_sd e^{b_rd − b_sd}     (r, s in one sub-chunk, s ≤ r)
+    step 3  off-diagonal sub-blocks  A_IJ = (Q_I ⊙ e^{β_I + G_{J+1} + … + G_{I−1}}) (K_J ⊙ e^{γ_J})ᵀ      (J < I)
+    step 4  diagonal sub-blocks      A_rs = Σ_d q_rd k_sd e^{g_{s+1,d} + … + g_{r,d}}  (r, s in one sub-chunk, s ≤ r)
     step 5  output                   O = scale · (O^inter + A V)              (A is lower triangular)
 
-Every exponent is ≤ 0 (§3.3, §7.4): b ≤ 0 and b_C − b ≤ 0 in steps 1–2; in step 3 rows r of sub-chunk
-I lie after b_ref's row and columns s of earlier sub-chunks before it, so b_r − b_ref ≤ 0 ≤ b_s − b_ref;
-in step 4 the pair (r, s) is masked to s ≤ r *before* the exponential.  Hence the matrix products of
-steps 1–3 and 5 can take half-precision operands (tensor cores, fp32 accumulation), while step 4, whose
-factors e^{b_r}, e^{−b_s} would not fit in half precision, is computed pairwise in fp32.
-Exponents between rows of one sub-chunk are taken as differences of β, not of b: b_r − b_s = β_r − β_s
-there, and b_r − b_ref = β_r − β_ref in step 3.  Both are sums of at most c gates, whereas b may reach
-C·max|g| (≈ 450 for strong gates, logsigmoid/0.1, at C = 64), where one fp32 ulp is 3e-5: the
-difference of two such b's would carry that absolute error into every nearby pair's exponent.
+Step 3 splits the decay of a pair (r in I, s in J < I) at J's last row: b_r − b_s = γ_s + (G_{J+1} + … +
+G_{I−1}) + β_r, the gates after s in J, those of the sub-chunks between, and those of I up to r.  The
+key factor e^{γ_s} is the same for every I (K ⊙ e^{γ} is stored once); the query factor carries the gap.
+
+Every exponent is ≤ 0, so every factor lies in [0, 1] (§3.3, §7.4), and every exponent is the sum of
+the gates of exactly the window it spans, never a difference of two cumulative sums.  The first makes
+the matrix products of steps 1–3 and 5 safe in half precision (tensor cores, fp32 accumulation).  The
+second keeps the exponents exact to fp32's relative rounding: a sum x of n gates of one sign errs by
+≲ nε|x|, so e^{x} by ≲ nε|x|e^{x} ≤ nε/e, whereas b may reach C·max|g| (≈ 450 for strong gates,
+logsigmoid/0.1, at C = 64), where one fp32 ulp is 3e-5, and the difference of two such b's would carry
+that absolute error into the exponent of every nearby pair.  Step 4, whose factors e^{b_r}, e^{−b_s}
+would not fit in half precision (nor, for strong gates, in fp32), is computed pairwise in fp32: key row by key row, from the last row up,
+each query row's window grows by one gate (the pairs s > r are masked to −∞ before the exponential).
 
 Backward.  Given dO = ∂L/∂o and dS_T = ∂L/∂(final state), write dS_[i] = ∂L/∂S_[i] for the gradient of
 the state entering chunk [i] (so dS_[i+1] is that of the state leaving it; dS_[NT] = dS_T, zero when the
@@ -43,14 +48,15 @@ Then, inside chunk [i], with dS' = dS_[i+1] and the score gradient dA_rs = scale
     step 8  dq = scale · e^{b} ⊙ (dO S_[i]ᵀ) + dQ^intra,   dQ^intra_rd = Σ_{s ≤ r} dA_rs k_sd e^{b_rd − b_sd}
             dk = e^{b_C − b} ⊙ (V dS'ᵀ)     + dK^intra,   dK^intra_sd = Σ_{r ≥ s} dA_rs q_rd e^{b_rd − b_sd}
 
-The intra sums have the shape of A and are tiled like it, with the same reference points: for query
-sub-chunk I, with Q̃_I = Q_I ⊙ e^{b_I − b_ref} and K̃_{<I} = K_{<I} ⊙ e^{b_ref − b_{<I}} (the two
-operands of step 3, exponents ≤ 0) and dA_I = the rows of I, columns before I,
+The intra sums have the shape of A and are tiled like it, with one reference row per query sub-chunk
+I, b_ref = b at I's first row: with Q̃_I = Q_I ⊙ e^{b_I − b_ref} (its exponents β_I − β_ref) and
+K̃_{<I} = K_{<I} ⊙ e^{b_ref − b_{<I}} (exponents ≤ 0; the gradient kernel takes them as differences
+of b) and dA_I = the rows of I, columns before I,
 
     off-diagonal  dQ^intra_I += e^{b_I − b_ref} ⊙ (dA_I K̃_{<I}),
                   dK^intra_{<I} += e^{b_ref − b_{<I}} ⊙ (dA_Iᵀ Q̃_I)
-    diagonal      the sums over s ≤ r (for dq) and r ≥ s (for dk) inside one sub-chunk, pairwise in fp32,
-                  masked to the pair before the exponential (as step 4).
+    diagonal      the sums over s ≤ r (for dq) and r ≥ s (for dk) inside one sub-chunk, pairwise in fp32
+                  with exponents β_r − β_s, clamped to ≤ 0 and masked to the pair before the exponential.
 
 The gate gradient.  Adding ε to g_td (channel d of token t) multiplies by e^ε every term that carries
 channel d across t: the scores A_rs with s < t ≤ r, the read-outs of the initial state at r ≥ t, and
@@ -83,19 +89,27 @@ term in dg (the scalar-decay kernel measured relRMS 0.1–0.3 on its decay gradi
 
 Kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
 
-* ``_chunk_intra_kernel`` — grid (NT·C/c, B·H), every sub-chunk in parallel.  One program owns the c
-  rows of one query sub-chunk I and does everything that needs only its chunk, summed or tiled over
-  K: step 0 (β on its rows, b and b_C from the chunk's gates), the decayed operands Q ⊙ e^{b} and
-  K ⊙ e^{b_C − b} of its rows, e^{b_C} (the program of the first sub-chunk), and the rows of A
-  (steps 3–4): one tensor-core product for all the columns before I, then the diagonal c×c block
-  pairwise on one [c, c, BK] tile per key tile.  A ``[B, H, T, C]`` holds row r of a
-  chunk as A[r, 0..C−1]; for the backward it also stores β (fp32, ``[B, T, H, K]``).
+Kernel 1 is three kernels, each of one kind of work:
+
+* ``_chunk_gates_kernel`` (1a) — grid (NT, K/BK, B·H), every chunk and key tile in parallel: step 0,
+  by the only scans of the forward pass, and the operands the later kernels need decayed by it:
+  β (fp32), e^{b_C} (fp32, ``[B, H, NT, K]``) and, rounded to the operand dtype, Q ⊙ e^{b} (steps 2
+  and 6), K ⊙ e^{b_C − b} (steps 1 and 7) and K ⊙ e^{γ} (step 3's keys).
+* ``_chunk_scores_kernel`` (1b) — grid (NT·NC(NC−1)/2, B·H), one program per pair J < I of sub-chunks:
+  step 3's c×c block, one tensor-core product per key tile, of the stored keys K_J ⊙ e^{γ_J} and the
+  queries Q_I ⊙ e^{β_I + gap} formed here (the gap belongs to the pair).  No program when C = c.
+* ``_chunk_diagonal_kernel`` (1c) — grid (NT·NC, B·H), one program per sub-chunk: step 4 on 2-D
+  [c, BK] tiles in c steps, one key row s each (load k_s and the gate after it, grow the windows, one
+  exponential per (r, d), a sum over d gives column s), then the block and zeros to its right.
+
+So ``A [B, H, T, C]`` (operand dtype), holding row r of a chunk as A[r, 0..C−1], is the chunk's whole
+lower-triangular C×C matrix, every entry stored by exactly one program.
 * ``_chunk_states_kernel`` — grid (K/BK, V/BV, B·H).  One program owns a BK×BV tile of one head's
   state (fp32) and walks the chunks, S ← diag(e^{b_C}) S + scale · Xᵀ Y, storing the state that
   enters each chunk to ``h [B, H, NT, K, V]``.  Forward (step 1): X = K ⊙ e^{b_C − b}, Y = V, in
   order, and the last S is the final state.  REVERSE (step 6): X = Q ⊙ e^{b}, Y = dO, from the last
   chunk to the first, storing dS_[i+1]; the last one is dS_[0].  Nothing but loads, one product and
-  one store stands on this sequential path; every exponential was taken by kernel 1.
+  one store stands on this sequential path; every exponential was taken by kernel 1a.
 * ``_chunk_output_kernel`` — grid (V/BV, NT, B·H), every chunk in parallel: O = scale · (X S + A Y)
   with X = Q ⊙ e^{b}, S = S_[i], Y = V (steps 2 and 5); transposed, for the backward's step 7,
   dv = X dS' + scale · Aᵀ dO with X = K ⊙ e^{b_C − b}.
@@ -105,10 +119,11 @@ Kernels (the "materialising" schedule of the GLA paper, FLA's ``chunk`` mode):
   sub-chunk (the diagonal blocks on [c, c, BK] tiles, their dA formed again from the block's rows),
   then the cumsums of step 9.  dA stays in registers.
 
-Forward: kernels 1, 2, 3.  A, the decayed operands and the chunk states are stored in the dtype in
+Forward: kernels 1a-1c, 2, 3.  A, the decayed operands and the chunk states are stored in the dtype in
 which the tensor-core products read them (bf16/fp16 for half inputs, fp32 otherwise), so storing
-them narrow loses nothing.  The backward runs kernel 1 again (with β), kernel 2 for the states (fp32)
-and, REVERSE, for their gradients, kernel 4 for dq, dk, dg, and kernel 3 transposed for dv.
+them narrow loses nothing.  The backward runs kernels 1a-1c again (for A, the decayed operands and β),
+kernel 2 for the states (fp32) and, REVERSE, for their gradients, kernel 4 for dq, dk, dg, and kernel
+3 transposed for dv.
 
 Ragged T is handled by masks (no padded copies): rows past T load as zero and are excluded from every
 exponent.  fp32 inputs use ``input_precision="ieee"`` matmuls (exact enough for 1e-5 tests); bf16 and
@@ -135,14 +150,13 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ------------------------------------------------------------------------------------------------------
 # Tiles.  BK = min(64, K) is fixed on the host for kernels 2 and 3 (32 in the gradient kernel, which
-# holds dA and more tiles at once; kernel 1 autotunes it); BV, num_warps and num_stages are chosen by
-# timing a few configurations on the first
-# call for each (K, V, C, dtypes) on a GPU (its cost is part of the first call's compile time).  Under
-# the CPU interpreter exactly one configuration runs, with BK = BV = 16, which fits every K and V and
-# makes the small test sizes exercise the tiling over K and V.  Compiled offline for sm_90 (Triton 3.9),
-# the gradient kernel at the benchmark's shape (bf16, K = V = 128, C = 64, 8 warps, 1 stage) needs 226
-# registers and no stack; other K, V ∈ 64..256 and C ∈ {32, 64} spill at most 24 bytes (fp32 with 2
-# stages up to 200); at C = 128 its C×C dA spills.
+# holds dA and more tiles at once; kernels 1a-1c autotune it); BV, num_warps and num_stages are chosen
+# by timing a few configurations on the first call for each (K, V, C, dtypes) on a GPU (its cost is
+# part of the first call's compile time).  Under the CPU interpreter exactly one configuration runs,
+# with BK = BV = 16, which fits every K and V and makes the small test sizes exercise the tiling over
+# K and V.  Compiled offline for sm_90 (Triton 3.9), the gradient kernel at the benchmark's shape
+# (bf16, K = V = 128, C = 64, 8 warps, 1 stage) needs 226 registers and no stack; other K, V ∈ 64..256
+# and C ∈ {32, 64} spill at most 24 bytes (fp32 with 2 stages up to 200); at C = 128 its C×C dA spills.
 # ------------------------------------------------------------------------------------------------------
 def _configs(gpu_options):
     options = [(16, 4, 1)] if _INTERPRETED else gpu_options
@@ -186,105 +200,182 @@ def _store_rounded(ptr, offsets, x, mask, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _in_sequence(t, T, d):
+    """The mask t < T of one row's load, shaped like its channel offsets d (a scalar mask would do on
+    a GPU; the interpreter rejects one)."""
+    return t + 0 * d < T
+
+
+@triton.jit
 def _head(ptr, i_b, i_h, T, H: tl.constexpr, D: tl.constexpr):
     """ptr advanced to token 0, channel 0 of batch i_b, head i_h of a [B, T, H, D] tensor (int64 arithmetic)."""
     return ptr + (i_b.to(tl.int64) * T * H + i_h) * D
 
 
 # ------------------------------------------------------------------------------------------------------
-# Kernel 1: everything inside one chunk (steps 0, 3, 4 and the decayed operands), one sub-chunk per program.
+# Kernels 1a-1c: everything inside one chunk (steps 0, 3, 4 and the decayed operands).
 # ------------------------------------------------------------------------------------------------------
 def _key_tiles_that_fit(configs, named_args, **kwargs):
-    """Drop configurations whose key tile BK is wider than K (BK = 16 always fits: K ≥ 16)."""
+    """Drop configurations whose key tile BK is wider than K; if none is left, BK = K (K ≥ 16)."""
     K = {**named_args, **kwargs}["K"]
-    return [cfg for cfg in configs if cfg.kwargs["BK"] <= K]
+    kept = [cfg for cfg in configs if cfg.kwargs["BK"] <= K]
+    return kept or [triton.Config({"BK": K}, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)]
 
 
-# Kernel 1 holds [C, BK] tiles of the whole chunk for step 3 and a [c, c, BK] tile for step 4.
-# Compiled offline for sm_90 (Triton 3.9, bf16, K = 128, C = 64), these (BK, num_warps) need (registers
-# a thread): (16, 2) 235, (16, 4) 128, (16, 8) 95, (32, 4) 223, (32, 8) 128 and 16 bytes of stack,
-# (64, 8) 177; 1 warp, and BK = 64 at 4 warps, spill more.  They are autotuned.
+def _key_tile_configs(gpu_options):
+    """Autotuned (BK, num_warps, num_stages); one configuration with BK = 16 under the interpreter."""
+    options = [(16, 4, 1)] if _INTERPRETED else gpu_options
+    return [triton.Config({"BK": bk}, num_warps=w, num_stages=s) for bk, w, s in options]
+
+
+# Compiled offline for sm_90 (Triton 3.9, bf16, K = 128, C = 64), the (BK, num_warps, num_stages) below
+# need (registers a thread, no stack in any): gates (16, 2, 1) 104, (16, 4, 1) 56, (32, 4, 1) 105,
+# (32, 8, 1) 56, (64, 8, 1) 106; scores (32, 1, 2) 72, (32, 2, ·) 64, (64, 2, 2) 113, (64, 4, 3) 112;
+# diagonal (32, 2, 1) 56, (64, 4, ·) 55, (128, 4, 2) 91, (128, 8, 2) 57.  None spills at K ∈ 64..256,
+# C ∈ 32..128, bf16 or fp32 (at C = 128 the gates kernel's [C, BK] tiles take up to 255, no stack).
 @triton.autotune(
-    configs=[triton.Config({"BK": bk}, num_warps=w, num_stages=1)
-             for bk, w in ([(16, 4)] if _INTERPRETED else [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)])],
-    key=["K", "C", "STORE_BETA"],
+    configs=_key_tile_configs([(16, 2, 1), (16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1)]),
+    key=["K", "C"],
     prune_configs_by={"early_config_prune": _key_tiles_that_fit},
 )
 @triton.jit
-def _chunk_intra_kernel(
+def _chunk_gates_kernel(
     q, k, g,              # inputs [B, T, H, K]
-    A,                    # out: [B, H, T, C], row r of a chunk = A[r, 0..C−1] (operand dtype)
-    q_dec, k_dec,         # out: Q ⊙ e^{b} and K ⊙ e^{b_C − b}, [B, T, H, K] (operand dtype)
-    decay_C, beta,        # out: e^{b_C} [B, H, NT, K] fp32; if STORE_BETA, β [B, T, H, K] fp32
+    beta,                 # out: β [B, T, H, K] fp32
+    q_dec, k_dec, k_sub,  # out: Q ⊙ e^{b}, K ⊙ e^{b_C − b}, K ⊙ e^{γ}, [B, T, H, K] (operand dtype)
+    decay_C,              # out: e^{b_C} [B, H, NT, K] fp32
     T, NT,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr,
-    STORE_BETA: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
 ):
-    """Rows of query sub-chunk I of chunk i_c: A (step 3 for the columns before I, step 4 for the
-    diagonal c×c block, summed over the K tiles) and the decayed operands of steps 1, 2 and 7."""
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
-    i_c, I = i_s // (C // c), i_s % (C // c)          # chunk, and query sub-chunk inside it
+    """Step 0 for the BK channels of one chunk, and the three operands decayed by it.  The only scans
+    of the forward pass: every later exponent is read from what this program stores."""
+    i_c, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    rows = tl.arange(0, C)                        # position inside the chunk (the key rows of step 3) ...
-    rows_I = tl.arange(0, c)                      # ... and inside sub-chunk I
+    rows = tl.arange(0, C)                        # position r inside the chunk
     t = i_c * C + rows
-    t_I = i_c * C + I * c + rows_I
-    valid, valid_I = (t < T)[:, None], (t_I < T)[:, None]
-    before_I = (rows < I * c)[:, None] & valid    # the key rows of step 3
-    after_I = (rows >= (I + 1) * c)[:, None]
+    valid = (t < T)[:, None]
+    d_k = i_k * BK + tl.arange(0, BK)
+    tile = t[:, None] * (H * K) + d_k[None, :]
 
     q, k, g = _head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K)
-    q_dec, k_dec = _head(q_dec, i_b, i_h, T, H, K), _head(k_dec, i_b, i_h, T, H, K)
-    s_le_r = (rows_I[None, :] <= rows_I[:, None]) & valid_I       # the diagonal block's pairs (r, s)
-    A_I = tl.zeros([c, C], dtype=tl.float32)      # step 3: A[I, :I·c]
-    A_diag = tl.zeros([c, c], dtype=tl.float32)   # step 4: A[I, I·c : I·c + c]
-    for i_k in range(K // BK):                    # the sums over key channels d, one BK tile at a time
+    q_i = tl.load(q + tile, mask=valid, other=0.0).to(tl.float32)
+    k_i = tl.load(k + tile, mask=valid, other=0.0).to(tl.float32)
+    g_i = tl.load(g + tile, mask=valid, other=0.0).to(tl.float32)
+    # g_{r+1}, the gate of the next row (zero after the chunk's last row and past T), so that the sums
+    # that start after r are cumsums of their own gates, not a cumsum minus g_r
+    g_next = tl.load(g + tile + H * K, mask=((rows + 1 < C) & (t + 1 < T))[:, None], other=0.0).to(tl.float32)
+
+    # the chunk's sums: b_r = g_1 + … + g_r, b_C, and b_C − b_r = g_{r+1} + … + g_C
+    _store_rounded(_head(q_dec, i_b, i_h, T, H, K), tile, q_i * tl.exp(tl.cumsum(g_i, axis=0)), valid,
+                   EMULATE_BF16)
+    tl.store(decay_C + (i_bh.to(tl.int64) * NT + i_c) * K + d_k, tl.exp(tl.sum(g_i, axis=0)))
+    _store_rounded(_head(k_dec, i_b, i_h, T, H, K), tile, k_i * tl.exp(tl.cumsum(g_next, axis=0, reverse=True)),
+                   valid, EMULATE_BF16)
+    # the same two sums inside each sub-chunk, viewed as [C/c, c, BK] (sub-chunk, row in it, channel):
+    # β_r from r's sub-chunk's first row to r, γ_r from r + 1 to the sub-chunk's last row
+    beta_i = tl.reshape(tl.cumsum(tl.reshape(g_i, [C // c, c, BK]), axis=1), [C, BK])
+    tl.store(_head(beta, i_b, i_h, T, H, K) + tile, beta_i, mask=valid)
+    g_next = tl.where(((rows % c) != c - 1)[:, None], g_next, 0.0)     # stop at the sub-chunk's end
+    gamma_i = tl.reshape(tl.cumsum(tl.reshape(g_next, [C // c, c, BK]), axis=1, reverse=True), [C, BK])
+    _store_rounded(_head(k_sub, i_b, i_h, T, H, K), tile, k_i * tl.exp(gamma_i), valid, EMULATE_BF16)
+
+
+@triton.autotune(
+    configs=_key_tile_configs([(32, 1, 2), (32, 2, 2), (32, 2, 3), (64, 2, 2), (64, 4, 3)]),
+    key=["K", "C"],
+    prune_configs_by={"early_config_prune": _key_tiles_that_fit},
+)
+@triton.jit
+def _chunk_scores_kernel(
+    q, beta, k_sub,       # q [B, T, H, K]; β [B, T, H, K] fp32; K ⊙ e^{γ} (operand dtype)
+    A,                    # out: [B, H, T, C], row r of a chunk = A[r, 0..C−1] (operand dtype)
+    T,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """Step 3 for one pair of sub-chunks J < I of one chunk: the c×c block
+    A_IJ = (Q_I ⊙ e^{β_I + G_{J+1} + … + G_{I−1}}) (K_J ⊙ e^{γ_J})ᵀ, one tensor-core product per key tile."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    PAIRS: tl.constexpr = (C // c) * (C // c - 1) // 2
+    i_c, p = i_s // PAIRS, i_s % PAIRS
+    # the pairs in the order (1, 0), (2, 0), (2, 1), (3, 0), …: pair p = I(I−1)/2 + J
+    I = 1
+    for m in tl.static_range(2, C // c):
+        I += (p >= m * (m - 1) // 2).to(tl.int32)
+    J = p - I * (I - 1) // 2
+    i_b, i_h = i_bh // H, i_bh % H
+    rows_c = tl.arange(0, c)
+    t_I, t_J = i_c * C + I * c + rows_c, i_c * C + J * c + rows_c
+    valid_I, valid_J = (t_I < T)[:, None], (t_J < T)[:, None]
+
+    q, beta, k_sub = _head(q, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K), _head(k_sub, i_b, i_h, T, H, K)
+    A_IJ = tl.zeros([c, c], dtype=tl.float32)
+    for i_k in range(K // BK):                    # the sum over key channels d, one BK tile at a time
         d_k = i_k * BK + tl.arange(0, BK)
         tile_I = t_I[:, None] * (H * K) + d_k[None, :]
         q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
-        k_I = tl.load(k + tile_I, mask=valid_I, other=0.0).to(tl.float32)
-        g_I = tl.load(g + tile_I, mask=valid_I, other=0.0).to(tl.float32)
-        g_i = tl.load(g + t[:, None] * (H * K) + d_k[None, :], mask=valid, other=0.0).to(tl.float32)
+        beta_I = tl.load(beta + tile_I, mask=valid_I, other=0.0)
+        k_J = tl.load(k_sub + t_J[:, None] * (H * K) + d_k[None, :], mask=valid_J, other=0.0)
+        # the gates between the two sub-chunks, G_{J+1} + … + G_{I−1}: each G is β at its sub-chunk's
+        # last row (a whole sub-chunk, in the sequence when I has a row in it)
+        gap = tl.zeros([BK], dtype=tl.float32)
+        for n in range(J + 1, I):
+            t_end = i_c * C + n * c + c - 1
+            gap += tl.load(beta + t_end * (H * K) + d_k, mask=_in_sequence(t_end, T, d_k), other=0.0)
+        q_fac = tl.exp(beta_I + gap[None, :])     # from J's last row to r: ≤ 1
+        A_IJ += _mm(q_I * q_fac, tl.trans(k_J), q, DOT_PRECISION, EMULATE_BF16)
+    A += (i_bh.to(tl.int64) * T + t_I[:, None]) * C + J * c + rows_c[None, :]
+    _store_rounded(A, 0, A_IJ, valid_I, EMULATE_BF16)
 
-        # step 0: β on the rows of I (sub-chunk-local cumsum); b = (sum of g before I) + β there; b_C
-        beta_I = tl.cumsum(g_I, axis=0)
-        b_I = tl.sum(tl.where(before_I, g_i, 0.0), axis=0)[None, :] + beta_I                  # ≤ 0
-        # b_C − b_r = g_{r+1} + … + g_C: the rest of I, then the rows after it, summed from the end
-        b_C_minus_b_I = (tl.cumsum(g_I, axis=0, reverse=True) - g_I
-                         + tl.sum(tl.where(after_I, g_i, 0.0), axis=0)[None, :])                # ≤ 0
-        if STORE_BETA:
-            tl.store(_head(beta, i_b, i_h, T, H, K) + tile_I, beta_I, mask=valid_I)
-        if I == 0:                                # one program per chunk writes e^{b_C}
-            tl.store(decay_C + (i_bh.to(tl.int64) * NT + i_c) * K + d_k, tl.exp(tl.sum(g_i, axis=0)))
-        # the decayed operands: Q ⊙ e^{b} (steps 2 and 6), K ⊙ e^{b_C − b} (steps 1 and 7)
-        _store_rounded(q_dec, tile_I, q_I * tl.exp(b_I), valid_I, EMULATE_BF16)
-        _store_rounded(k_dec, tile_I, k_I * tl.exp(b_C_minus_b_I), valid_I, EMULATE_BF16)
 
-        # step 3: A[I, :I·c] = (Q_I ⊙ e^{b_I − b_ref}) (K_{<I} ⊙ e^{b_ref − b_{<I}})ᵀ with b_ref = b at
-        # I's first row.  Both exponents are short sums taken as such, never differences of b:
-        # b_r − b_ref = β_r − g_ref inside I, and b_ref − b_s = g_{s+1} + … + g_{I·c} (reverse cumsum).
-        if I > 0:
-            k_i = tl.load(k + t[:, None] * (H * K) + d_k[None, :], mask=before_I, other=0.0).to(tl.float32)
-            g_before = tl.where(before_I, g_i, 0.0)
-            g_ref = tl.sum(tl.where(rows_I[:, None] == 0, g_I, 0.0), axis=0)[None, :]     # [1, BK]
-            k_fac = tl.exp(tl.cumsum(g_before, axis=0, reverse=True) - g_before + g_ref)  # ≤ 1
-            q_fac = tl.exp(beta_I - g_ref)                                               # ≤ 1
-            A_I += _mm(q_I * q_fac, tl.trans(tl.where(before_I, k_i * k_fac, 0.0)), q,
-                       DOT_PRECISION, EMULATE_BF16)
+@triton.autotune(
+    configs=_key_tile_configs([(32, 2, 1), (64, 4, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2)]),
+    key=["K", "C"],
+    prune_configs_by={"early_config_prune": _key_tiles_that_fit},
+)
+@triton.jit
+def _chunk_diagonal_kernel(
+    q, k, g,              # inputs [B, T, H, K]
+    A,                    # out: [B, H, T, C] (operand dtype): the diagonal blocks, and zeros right of them
+    T,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """Step 4 for one sub-chunk I: A_rs = Σ_d q_rd k_sd e^{g_{s+1,d} + … + g_{r,d}} for s ≤ r in I,
+    key row by key row, in fp32 on the vector units; and A's columns right of the block set to zero."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, I = i_s // (C // c), i_s % (C // c)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows_c = tl.arange(0, c)                      # rows r of I, and (as columns) its key rows s
+    t_I = i_c * C + I * c + rows_c
+    valid_I = (t_I < T)[:, None]
 
-        # step 4: the diagonal block, pairwise in fp32 on a [c, c, BK] tile: A_rs += Σ_d q_rd k_sd e^{β_rd − β_sd}
-        # for s ≤ r, masked before exp (a key past T pairs only with rows past T, which are not stored).
-        # β_r and β_s are one cumsum here, but the pair's difference of two rounded sums can still come
-        # out one ulp above the ≤ 0 it is, so it is clamped.
-        exponent = tl.minimum(beta_I[:, None, :] - beta_I[None, :, :], 0.0)
-        decay = tl.exp(tl.where(s_le_r[:, :, None], exponent, float("-inf")))
-        A_diag += tl.sum(q_I[:, None, :] * k_I[None, :, :] * decay, axis=2)
+    q, k, g = _head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K)
+    A_II = tl.zeros([c, c], dtype=tl.float32)
+    for i_k in range(K // BK):                    # the sum over key channels d, one BK tile at a time
+        d_k = i_k * BK + tl.arange(0, BK)
+        q_I = tl.load(q + t_I[:, None] * (H * K) + d_k[None, :], mask=valid_I, other=0.0).to(tl.float32)
+        # window_r = g_{s+1} + … + g_r, grown by one gate a step as the key row s walks up from the
+        # last row: a sum of the pair's own gates, ≤ 0, and exactly 0 on the diagonal.  Rows r < s
+        # are masked to −∞ before exp; keys past T load as zero.
+        window = tl.zeros([c, BK], dtype=tl.float32)
+        for j in range(c):
+            s = c - 1 - j
+            t_s = i_c * C + I * c + s
+            k_s = tl.load(k + t_s * (H * K) + d_k, mask=_in_sequence(t_s, T, d_k), other=0.0).to(tl.float32)
+            g_after_s = tl.load(g + (t_s + 1) * (H * K) + d_k, mask=_in_sequence(t_s + 1, T, d_k),
+                                other=0.0).to(tl.float32)                # (used only when s + 1 < c)
+            window += tl.where((rows_c > s)[:, None], g_after_s[None, :], 0.0)
+            decay = tl.exp(tl.where((rows_c >= s)[:, None], window, float("-inf")))
+            column = tl.sum(q_I * k_s[None, :] * decay, axis=1)                  # A[I, s] over this tile
+            A_II += tl.where(rows_c[None, :] == s, column[:, None], 0.0)
 
-    # A's rows of I: columns before I from step 3 and zeros after I, then the diagonal block (disjoint stores)
-    A += (i_bh.to(tl.int64) * T + i_c * C + I * c) * C
-    off_diagonal = (rows < I * c) | (rows >= (I + 1) * c)
-    _store_rounded(A, rows_I[:, None] * C + rows[None, :], A_I, valid_I & off_diagonal[None, :], EMULATE_BF16)
-    _store_rounded(A, rows_I[:, None] * C + I * c + rows_I[None, :], A_diag, valid_I, EMULATE_BF16)
+    # the block's rows of A: the diagonal block, then zeros in the columns after I
+    A += (i_bh.to(tl.int64) * T + t_I[:, None]) * C
+    cols = tl.arange(0, C)[None, :]
+    _store_rounded(A, I * c + rows_c[None, :], A_II, valid_I, EMULATE_BF16)
+    _store_rounded(A, cols, tl.zeros([c, C], dtype=tl.float32), valid_I & (cols >= (I + 1) * c), EMULATE_BF16)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -592,21 +683,36 @@ def _operand_dtype(q):
     return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _intra(q, k, g, chunk_size, *, store_beta):
-    """Kernel 1: A [B, H, T, C], Q ⊙ e^{b}, K ⊙ e^{b_C − b} (operand dtype), e^{b_C} [B, H, NT, K] and,
-    for the backward, β (fp32)."""
+def _gates(q, k, g, chunk_size):
+    """Kernel 1a: β [B, T, H, K] (fp32); Q ⊙ e^{b}, K ⊙ e^{b_C − b}, K ⊙ e^{γ} (operand dtype, like q);
+    e^{b_C} [B, H, NT, K] (fp32)."""
     B, T, H, K = q.shape
     NT = triton.cdiv(T, chunk_size)
-    dtype = _operand_dtype(q)
-    A = torch.empty(B, H, T, chunk_size, device=q.device, dtype=dtype)
-    q_dec, k_dec = torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
+    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+    q_dec, k_dec, k_sub = (torch.empty_like(q, dtype=_operand_dtype(q)) for _ in range(3))
     decay_C = torch.empty(B, H, NT, K, device=q.device, dtype=torch.float32)
-    beta = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32) if store_beta else None
-    _chunk_intra_kernel[(NT * (chunk_size // SUB_CHUNK), B * H)](
-        q, k, g, A, q_dec, k_dec, decay_C, beta, T, NT,
-        H=H, K=K, C=chunk_size, c=SUB_CHUNK, STORE_BETA=store_beta, **_launch_options(q),
+    _chunk_gates_kernel[lambda meta: (NT, K // meta["BK"], B * H)](
+        q, k, g, beta, q_dec, k_dec, k_sub, decay_C, T, NT,
+        H=H, K=K, C=chunk_size, c=SUB_CHUNK, EMULATE_BF16=_launch_options(q)["EMULATE_BF16"],
     )
-    return A, q_dec, k_dec, decay_C, beta
+    return beta, q_dec, k_dec, k_sub, decay_C
+
+
+def _scores(q, k, g, beta, k_sub, chunk_size):
+    """Kernels 1b and 1c: A [B, H, T, C] (operand dtype), every chunk's lower-triangular C×C matrix
+    (steps 3 and 4), from the inputs and kernel 1a's β and K ⊙ e^{γ}."""
+    B, T, H, K = q.shape
+    NT, NC = triton.cdiv(T, chunk_size), chunk_size // SUB_CHUNK
+    options = _launch_options(q)
+    A = torch.empty(B, H, T, chunk_size, device=q.device, dtype=_operand_dtype(q))
+    if NC > 1:                                    # the pairs J < I of sub-chunks (none when C = c)
+        _chunk_scores_kernel[(NT * (NC * (NC - 1) // 2), B * H)](
+            q, beta, k_sub, A, T, H=H, K=K, C=chunk_size, c=SUB_CHUNK, **options,
+        )
+    _chunk_diagonal_kernel[(NT * NC, B * H)](
+        q, k, g, A, T, H=H, K=K, C=chunk_size, c=SUB_CHUNK, EMULATE_BF16=options["EMULATE_BF16"],
+    )
+    return A
 
 
 def _states(x, y, decay_C, h, first, last, *, scale, chunk_size, reverse):
@@ -634,17 +740,20 @@ def _output(x, A, h, y, o, *, state_scale, score_scale, transpose_A):
 
 
 def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
-    """Kernel 1 (steps 0, 3, 4), kernel 2 (step 1), kernel 3 (steps 2, 5); returns (o, final state or None).
+    """Kernels 1a-1c (steps 0, 3, 4), kernel 2 (step 1), kernel 3 (steps 2, 5); returns (o, final state
+    or None).
 
-    HBM traffic: kernel 1 reads q, k, g and writes A (C per token and head), the two decayed operands
-    and e^{b_C}; kernel 2 reads K ⊙ e^{b_C − b}, v, e^{b_C} and writes the chunk states h (K·V per
+    HBM traffic: kernel 1a reads q, k, g and writes β (fp32), the three decayed operands and e^{b_C};
+    1b reads q, β and K ⊙ e^{γ}, 1c q, k and g, and together they write A (C per token and head);
+    kernel 2 reads K ⊙ e^{b_C − b}, v, e^{b_C} and writes the chunk states h (K·V per
     chunk and head); kernel 3 reads Q ⊙ e^{b}, h, A, v and writes o.  All but e^{b_C} are stored in
     the operand dtype (bf16/fp16 for half inputs), the precision the tensor-core products read them in.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    A, q_dec, k_dec, decay_C, _ = _intra(q, k, g, chunk_size, store_beta=False)
+    beta, q_dec, k_dec, k_sub, decay_C = _gates(q, k, g, chunk_size)
+    A = _scores(q, k, g, beta, k_sub, chunk_size)
     h = torch.empty(B, H, NT, K, V, device=q.device, dtype=_operand_dtype(q))
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     _states(k_dec, v, decay_C, h, h0, ht, scale=1.0, chunk_size=chunk_size, reverse=False)
@@ -654,17 +763,18 @@ def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
 
 
 def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
-    """Kernel 1 (again, with β), kernel 2 (the states S_[i], fp32), kernel 2 REVERSE (step 6: dS_[i+1]
+    """Kernels 1a-1c (again), kernel 2 (the states S_[i], fp32), kernel 2 REVERSE (step 6: dS_[i+1]
     and dS_[0]), kernel 4 (steps 8-9: dq, dk, dg), kernel 3 transposed (step 7: dv).  Returns dq, dk,
     dv (input dtype), dg (fp32), d initial_state (fp32, or None).
 
-    HBM traffic beyond the inputs: kernel 1's outputs, β, the states and their gradients (fp32, each
+    HBM traffic beyond the inputs: kernel 1's outputs, the states and their gradients (fp32, each
     written once); dA never leaves the chip.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    A, q_dec, k_dec, decay_C, beta = _intra(q, k, g, chunk_size, store_beta=True)
+    beta, q_dec, k_dec, k_sub, decay_C = _gates(q, k, g, chunk_size)
+    A = _scores(q, k, g, beta, k_sub, chunk_size)
     h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(h0) if h0 is not None else None
@@ -684,7 +794,7 @@ def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
 
 
 class _GLAChunked(torch.autograd.Function):
-    """Forward: kernels 1, 2 and 3.  Backward: kernel 1 (with β), kernel 2 twice (the states, then
+    """Forward: kernels 1a-1c, 2 and 3.  Backward: kernels 1a-1c, kernel 2 twice (the states, then
     their gradients), kernel 4 (dq, dk, dg) and kernel 3 transposed (dv)."""
 
     @staticmethod
