@@ -101,3 +101,20 @@ def test_make_cpu_1_takes_torch_from_pytorchs_cpu_index(tmp_path):
     assert f'--index-url https://download.pytorch.org/whl/cpu "{pin}"' in cpu
     assert cpu.index("download.pytorch.org") < cpu.index("-r requirements.txt")
     assert "download.pytorch.org" not in make_dry_run("VENV=" + str(tmp_path / "venv"), "test")
+
+
+def test_make_cpu_1_refuses_a_venv_that_holds_the_cuda_build(tmp_path):
+    """An existing, up-to-date .venv is checked, not silently reused: its python says which build."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    (venv / ".installed").touch()                       # newer than requirements.txt and pyproject.toml
+    for cuda_build, ok in ((True, False), (False, True)):
+        # stands in for `python -c "... sys.exit(torch.version.cuda is not None)"`
+        python.write_text(f"#!/bin/sh\nexit {int(cuda_build)}\n")
+        python.chmod(0o755)
+        done = subprocess.run(["make", f"VENV={venv}", "CPU=1", "venv"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert (done.returncode == 0) is ok, done.stdout + done.stderr
+        assert ("already holds PyTorch's CUDA build" in done.stdout) is not ok, done.stdout
+    assert subprocess.run(["make", f"VENV={venv}", "venv"], cwd=ROOT, capture_output=True).returncode == 0
