@@ -221,6 +221,20 @@ def test_gradients_g_in_bf16_no_initial_state_two_value_tiles():
         assert_close(f"d{name}", gx, ref_gx, "half_grad")
 
 
+def test_backward_reuses_the_forward_scores(monkeypatch):
+    """A is computed once, in the forward (kernels 1b-1c), and saved: the backward reruns only kernel 1a."""
+    calls = []
+    scores = gla_kernels._scores
+    monkeypatch.setattr(gla_kernels, "_scores", lambda *a, **kw: calls.append(1) or scores(*a, **kw))
+    args, _ = inputs(T=20, dtype=torch.float32, initial_state=False, seed=14)
+    xs = [x.clone().requires_grad_() for x in args]
+    o, _ = gla_chunked(*xs, scale=SCALE, chunk_size=16)
+    assert len(calls) == 1
+    o.sum().backward()
+    assert len(calls) == 1, "the backward formed A again"
+    assert all(x.grad is not None for x in xs)
+
+
 def test_gradient_without_final_state():
     args, _ = inputs(T=20, dtype=torch.float32, initial_state=False, seed=9)
     xs = [x.clone().requires_grad_() for x in args]

@@ -121,9 +121,16 @@ lower-triangular C×C matrix, every entry stored by exactly one program.
 
 Forward: kernels 1a-1c, 2, 3.  A, the decayed operands and the chunk states are stored in the dtype in
 which the tensor-core products read them (bf16/fp16 for half inputs, fp32 otherwise), so storing
-them narrow loses nothing.  The backward runs kernels 1a-1c again (for A, the decayed operands and β),
-kernel 2 for the states (fp32) and, REVERSE, for their gradients, kernel 4 for dq, dk, dg, and kernel
-3 transposed for dv.
+them narrow loses nothing.  The backward runs kernel 2 for the states (fp32) and, REVERSE, for their
+gradients, kernel 4 for dq, dk, dg, and kernel 3 transposed for dv.
+
+What the backward keeps from the forward, memory against time: A, the costly part of kernel 1 (the
+exponentials of step 4, the products of step 3), is saved, C values per token and head in the
+operand dtype (128 B in bf16 at C = 64).  Kernel 1a is run again instead of saving its outputs: it is
+one streaming pass (it reads q, k, g and writes β and three operands: 2.3 KB of traffic per token
+and head at K = 128 in bf16, about that of one state walk), while keeping β and the three decayed operands alive from the
+forward to the backward would hold 1.3 KB per token and head, as much as the inputs q, k, v, g
+themselves, in every layer of a model until its backward runs.
 
 Ragged T is handled by masks (no padded copies): rows past T load as zero and are excluded from every
 exponent.  fp32 inputs use ``input_precision="ieee"`` matmuls (exact enough for 1e-5 tests); bf16 and
@@ -138,8 +145,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from ..hardware import check_kernel_dtype
 
 __all__ = ["gla_chunked"]
 
@@ -628,39 +633,20 @@ def _chunk_grad_kernel(
 # ------------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------------
-def _check(q, k, v, g, scale, initial_state, chunk_size):
-    """Raise ValueError (naming the argument) for anything the kernels do not handle."""
-    from .._validate import Signature
+#: The chunk sizes the kernels take: powers of two from one sub-chunk to 128.
+_CHUNK_SIZES = tuple(c for c in (16, 32, 64, 128) if c >= SUB_CHUNK)
 
-    sig = Signature("gla.kernel")
-    sig.tensor("q", q, "B T H K")
-    sig.tensor("k", k, "B T H K")
-    sig.tensor("v", v, "B T H V")
-    sig.tensor("g", g, "B T H K", same_dtype=False)
-    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
-    sig.at_least_one("T")
-    if q.dtype == torch.float64 or g.dtype == torch.float64:
-        raise sig.error("the Triton kernel takes float16, bfloat16 or float32 inputs; "
-                        "use gla.recurrent / gla.chunked for float64")
-    for name in ("K", "V"):
-        n = sig.sizes[name]
-        if n < 16 or n > 256 or n & (n - 1):
-            raise sig.error(f"{name} = {n}: the kernel needs a power of two between 16 and 256")
-    C = sig.chunk_size(chunk_size)
-    if C < SUB_CHUNK or C > 128 or C & (C - 1):
-        raise sig.error(f"chunk_size = {C}: the kernel needs a power of two between {SUB_CHUNK} and 128")
-    if scale is not None:
-        sig.scalar("scale", scale)
-    T, H = sig.sizes["T"], sig.sizes["H"]
-    if T * H * max(sig.sizes["K"], sig.sizes["V"]) >= 2**31:
-        raise sig.error(f"T = {T} is too long for one call: offsets inside one batch element must fit in "
-                        "int32 (T·H·max(K, V) < 2^31); split the sequence and pass the state along with "
-                        "initial_state")
-    if q.device.type != "cuda" and not _INTERPRETED:
-        raise sig.error(f"inputs are on {q.device}; the kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
-                        "set before triton is imported (lecture_kit does this on machines without CUDA)")
-    sig.nonpositive("g", g, "the log forget gate")
-    return sig
+
+def _check_kernel(sig, chunk_size):
+    """What these kernels add to the checks of ``gla.SPEC`` (done by ``gla.kernel``, or by
+    ``gla_chunked`` for a direct call): dtypes, head and chunk sizes, the device.  Returns the
+    chunk size as an int."""
+    sig.kernel_dtype()
+    K, V = sig.kernel_head_size("K"), sig.kernel_head_size("V", zero_ok=True)
+    C = sig.kernel_chunk_size(chunk_size, _CHUNK_SIZES)
+    sig.kernel_offsets(sig.size("T") * sig.size("H") * max(K, V))
+    sig.kernel_device(_INTERPRETED)
+    return C
 
 
 def _launch_options(q):
@@ -741,7 +727,7 @@ def _output(x, A, h, y, o, *, state_scale, score_scale, transpose_A):
 
 def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
     """Kernels 1a-1c (steps 0, 3, 4), kernel 2 (step 1), kernel 3 (steps 2, 5); returns (o, final state
-    or None).
+    or None, A), A for the backward.
 
     HBM traffic: kernel 1a reads q, k, g and writes β (fp32), the three decayed operands and e^{b_C};
     1b reads q, β and K ⊙ e^{γ}, 1c q, k and g, and together they write A (C per token and head);
@@ -759,22 +745,21 @@ def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
     _states(k_dec, v, decay_C, h, h0, ht, scale=1.0, chunk_size=chunk_size, reverse=False)
     o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
     _output(q_dec, A, h, v, o, state_scale=scale, score_scale=scale, transpose_A=False)
-    return o, ht
+    return o, ht, A
 
 
-def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
-    """Kernels 1a-1c (again), kernel 2 (the states S_[i], fp32), kernel 2 REVERSE (step 6: dS_[i+1]
-    and dS_[0]), kernel 4 (steps 8-9: dq, dk, dg), kernel 3 transposed (step 7: dv).  Returns dq, dk,
-    dv (input dtype), dg (fp32), d initial_state (fp32, or None).
+def _backward(q, k, v, g, A, scale, h0, chunk_size, do, dht):
+    """Kernel 1a again (β and the decayed operands; A is the forward's), kernel 2 (the states S_[i],
+    fp32), kernel 2 REVERSE (step 6: dS_[i+1] and dS_[0]), kernel 4 (steps 8-9: dq, dk, dg), kernel 3
+    transposed (step 7: dv).  Returns dq, dk, dv (input dtype), dg (fp32), d initial_state (fp32, or None).
 
-    HBM traffic beyond the inputs: kernel 1's outputs, the states and their gradients (fp32, each
+    HBM traffic beyond the inputs: kernel 1a's outputs, the states and their gradients (fp32, each
     written once); dA never leaves the chip.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    beta, q_dec, k_dec, k_sub, decay_C = _gates(q, k, g, chunk_size)
-    A = _scores(q, k, g, beta, k_sub, chunk_size)
+    beta, q_dec, k_dec, _, decay_C = _gates(q, k, g, chunk_size)
     h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(h0) if h0 is not None else None
@@ -794,15 +779,15 @@ def _backward(q, k, v, g, scale, h0, chunk_size, do, dht):
 
 
 class _GLAChunked(torch.autograd.Function):
-    """Forward: kernels 1a-1c, 2 and 3.  Backward: kernels 1a-1c, kernel 2 twice (the states, then
-    their gradients), kernel 4 (dq, dk, dg) and kernel 3 transposed (dv)."""
+    """Forward: kernels 1a-1c, 2 and 3, saving A.  Backward: kernel 1a, kernel 2 twice (the states,
+    then their gradients), kernel 4 (dq, dk, dg) and kernel 3 transposed (dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):
         q, k, v, g = (x.contiguous() for x in (q, k, v, g))
         h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-        o, ht = _forward(q, k, v, g, scale, h0, output_final_state, chunk_size)
-        ctx.save_for_backward(q, k, v, g, h0)
+        o, ht, A = _forward(q, k, v, g, scale, h0, output_final_state, chunk_size)
+        ctx.save_for_backward(q, k, v, g, A, h0)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)          # an unused output's gradient arrives as None
@@ -810,25 +795,37 @@ class _GLAChunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0 = ctx.saved_tensors
+        q, k, v, g, A, h0 = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.to(torch.float32).contiguous()
-        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, ctx.scale, h0, ctx.chunk_size, do, dht)
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, A, ctx.scale, h0, ctx.chunk_size, do, dht)
         dh0 = None if dh0 is None else dh0.to(ctx.initial_state_dtype)
         return dq, dk, dv, dg.to(g.dtype), dh0, None, None, None
 
 
-def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64):
+def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64,
+                checked=None):
     """Chunkwise gated linear attention with the Triton kernels of this module (math.md §3.2).
 
-    q, k, g [B, T, H, K] (g = log forget gate ≤ 0, may be fp32 beside bf16 q, k, v); v [B, T, H, V];
-    initial_state None or [B, H, K, V] (fp32).  K and V powers of two in 16..256; chunk_size a power
-    of two in 16..128; any T ≥ 1.  ``scale=None`` means K^-1/2.
+    q, k, g [B, T, H, K] (g = log forget gate ≤ 0, any float dtype: used in q's dtype or fp32);
+    v [B, T, H, V]; initial_state None or [B, H, K, V] (any float dtype, used in fp32).  K and V
+    powers of two in 16..256; chunk_size a power of two in 16..128; any T ≥ 1; B, H or V = 0 give
+    empty results.  ``scale=None`` means K^-1/2.  ``checked``: the ``Signature`` of ``gla.kernel``,
+    which has checked the arguments against ``gla.SPEC``; None (a direct call) checks them here.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32, or None).
     Differentiable in q, k, v, g and initial_state, with Triton backward kernels (module docstring).
     """
-    _check(q, k, v, g, scale, initial_state, chunk_size)
-    check_kernel_dtype("gla_chunked", "q", q)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if checked is None:
+        from ..gla import SPEC
+        call = SPEC.check("kernel", q, k, v, g, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, chunk_size=chunk_size)
+        checked, scale = call.sig, call.scale
+    chunk_size = _check_kernel(checked, chunk_size)
+    if v.numel() == 0:              # B, H or V is 0 (T, K ≥ 1): nothing to compute
+        B, _, H, K = q.shape
+        ht = v.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
+        return v * 0, ht
+    if g.dtype not in (q.dtype, torch.float32):
+        g = g.float()               # the kernels read g in q's dtype or fp32; autograd casts dg back
     o, ht = _GLAChunked.apply(q, k, v, g, initial_state, scale, bool(output_final_state), chunk_size)
     return o, (ht if output_final_state else None)
