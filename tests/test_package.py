@@ -31,7 +31,7 @@ def test_version_is_the_one_in_pyproject():
     assert lecture_kit.__version__ == declared == installed_metadata()["Version"][0]
 
 
-def test_metadata_has_the_readme_the_repository_urls_and_marks_triton_linux_only():
+def test_metadata_has_the_readme_licence_repository_urls_and_marks_triton_linux_only():
     meta = installed_metadata()
     assert meta["Description-Content-Type"] == ["text/markdown"]
     assert meta["Description"][0].startswith("# Lecture 17")               # README.md, as on PyPI
@@ -40,6 +40,7 @@ def test_metadata_has_the_readme_the_repository_urls_and_marks_triton_linux_only
     triton = [r for r in meta["Requires-Dist"] if r.startswith("triton")]
     assert len(triton) == 1 and 'sys_platform == "linux"' in triton[0], triton
     assert any(r == "tqdm" for r in meta["Requires-Dist"])
+    assert meta["License-Expression"] == ["MIT"] and meta["License-File"] == ["LICENSE"]
 
 
 def test_requirements_install_triton_only_where_it_has_wheels():
