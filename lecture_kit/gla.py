@@ -22,25 +22,74 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
-from ._validate import Signature, compute_dtype, pad_time
+from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._spec import Arg, MixerSpec
+from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum
 
 #: Sub-chunk length of the chunked form's secondary tiling (math.md §3.2; fla's BC).
 SUB_CHUNK = 16
 
 
-def _check(fn, q, k, v, g, scale, initial_state=None, values=True):
-    sig = Signature(f"gla.{fn}")
-    sig.tensor("q", q, "B T H K")
-    sig.tensor("k", k, "B T H K")
-    if values:
-        sig.tensor("v", v, "B T H V")
-    sig.tensor("g", g, "B T H K", same_dtype=False)
-    sig.at_least_one("T")
-    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
-    sig.nonpositive("g", g)
-    return sig, (sig.sizes["K"] ** -0.5 if scale is None else sig.scalar("scale", scale))
+def _sample(g, n, gate):
+    """q, k, v standard normal; the gate logsigmoid(N(0, 1)) / 16, as in the GLA layer
+    (``gate="strong"``: / 0.1)."""
+    B, T, H, K, V = (n[d] for d in ("B", "T", "H", "K", "V"))
+    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
+    gk = torch.nn.functional.logsigmoid(randn(B, T, H, K)) / (16.0 if gate == "weak" else 0.1)
+    return (randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), gk), {}
+
+
+#: GLA's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the docs,
+#: ``testing.random_inputs`` and the GLA layer.
+SPEC = MixerSpec(
+    name="gla", title="GLA",
+    inputs=(
+        Arg("q", "B T H K", """
+            Queries ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16, float32 or float64.
+            ``k`` and ``v`` share its dtype and every tensor its device.  B = 0 or H = 0 give
+            empty results of the right shapes.""",
+            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
+                   "newer) or float32, and K a power of two from 16 to 256, on CUDA or on the CPU "
+                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
+        Arg("k", "B T H K", "Keys ``[B, T, H, K]``."),
+        Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
+            kernel="``kernel``: V a power of two from 16 to 256."),
+        Arg("g", "B T H K", """
+            Log forget gate g = log α ``[B, T, H, K]``, ≤ 0 everywhere (the GLA layer uses
+            ``logsigmoid(·) / 16``); −inf resets a channel of the state.  Any float dtype:
+            keep it in fp32 beside half-precision activations.""", activation=False, sign="<= 0"),
+    ),
+    values="v",
+    keywords=(
+        Arg("initial_state", "B H K V", """
+            The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
+            zeros.  Passing one call's final state continues the sequence.""", activation=False),
+    ),
+    key_dim="K", value_dim="V",
+    scale="K^-1/2", scale_description="""
+        Multiplies every output, o_t = scale · S_tᵀ q_t: a finite Python (or numpy) number, not a
+        tensor.  None means K^(-1/2).""",
+    chunk_size=64, kernel_chunk_size=64,
+    chunk_description="""
+        Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be
+        a multiple (the last chunk is padded with zero keys and gates, which is exact).
+        Sub-chunks are 16 tokens when 16 divides it.""",
+    kernel_chunk_description="""
+        Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.""",
+    log_decay=("g",),
+    sample=_sample,
+)
+
+
+def _suffix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ_{t > s} x_t along ``dim`` (0 at the last position): a reversed cumulative sum, shifted.
+
+    Never formed as total − prefix: with log-decays of one sign the sum is as accurate as its
+    terms, where the difference of two large prefix sums is not (and −inf − (−inf) is NaN)."""
+    inclusive = x.flip(dim).cumsum(dim).flip(dim)
+    return torch.cat([inclusive.narrow(dim, 1, x.shape[dim] - 1),
+                      torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)
 
 
 def recurrent(
@@ -50,7 +99,8 @@ def recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition, one token at a time:
     S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ,  o_t = scale · S_tᵀ q_t."""
-    _, scale = _check("recurrent", q, k, v, g, scale, initial_state)
+    scale = SPEC.check("recurrent", q, k, v, g, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state).scale
     f = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
     q_, k_, v_, alpha = q.to(f), k.to(f), v.to(f), torch.exp(g.to(f))
@@ -75,7 +125,7 @@ def matrix(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, *,
     masked before exp), so P is a sum of K masked rank-1 matrices: the "generalised matmul" that a
     tensor core cannot do directly, which is why the fast path is chunked.
     """
-    _, scale = _check("matrix", q, k, None, g, scale, values=False)
+    scale = SPEC.check("matrix", q, k, g, scale=scale).scale
     f = compute_dtype(q.dtype)
     P = scale * torch.einsum("bhdij,bihd,bjhd->bhij", _channel_masks(g, f), q.to(f), k.to(f))
     return P.to(q.dtype)
@@ -88,7 +138,8 @@ def parallel(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """O = P V plus the initial state's read-out scale · (q_i ∘ exp b_i)ᵀ S_0; the final state is
     Σ_j diag(exp(b_T − b_j)) k_j v_jᵀ + diag(exp b_T) S_0 (from the masks' last rows)."""
-    _, scale = _check("parallel", q, k, v, g, scale, initial_state)
+    scale = SPEC.check("parallel", q, k, v, g, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state).scale
     f = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(f), k.to(f), v.to(f)
     masks = _channel_masks(g, f)                                               # [B, H, K, T, T]
@@ -111,62 +162,67 @@ def chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GLA's chunkwise algorithm with secondary (sub-chunk) tiling, math.md §3.2.
 
-    Chunks of C = chunk_size tokens, sub-chunks of c = 16 (or C if 16 does not divide it); b is the
-    chunk-local cumsum of g, so every exponent below is ≤ 0:
+    Chunks of C = chunk_size tokens, sub-chunks of c = 16 (or C if 16 does not divide it).  Every
+    exponent below is a sum of gates over a segment of tokens, b_C − b_s = g_{s+1} + ⋯ + g_C, say,
+    summed as such (a suffix sum) and never formed as the difference of two cumulative sums: that
+    difference loses the small terms beside a large one (a gate of −10⁴ costs fp32 all its digits)
+    and turns a reset, g = −∞, into −∞ − (−∞) = NaN.  With b the chunk-local cumsum of g:
       1. chunk states:    S_c = diag(exp b_C) S_{c-1} + (K ∘ exp(b_C − b))ᵀ V     (sequential)
       2. inter output:    O_inter = scale · (Q ∘ exp b) S_{c-1}
-      3. off-diagonal sub-blocks (query sub-chunk I, key sub-chunk J < I), with the reference
-         point b_ref = b at I's first row:  A_IJ = (Q_I ∘ exp(b_I − b_ref)) (K_J ∘ exp(b_ref − b_J))ᵀ,
-         an ordinary matmul with both factors bounded by 1 (safe in half precision on tensor cores)
-      4. diagonal sub-blocks pairwise: A_rs = Σ_d q_rd k_sd exp(b_rd − b_sd), s ≤ r, masked before exp
+      3. off-diagonal sub-blocks (query sub-chunk I, key sub-chunk J < I), split at the token
+         before I:  A_IJ = (Q_I ∘ exp β_I) (K_J ∘ exp(γ_J + Σ_{J<L<I} g_L))ᵀ, where β is the
+         cumsum of g inside a sub-chunk, γ its suffix sum and g_L a whole sub-chunk's sum: an
+         ordinary matmul with both factors bounded by 1 (safe in half precision on tensor cores)
+      4. diagonal sub-blocks pairwise: A_rs = Σ_d q_rd k_sd exp(β_rd − β_sd), s ≤ r, as a segsum
       5. O = O_inter + scale · tril(A) V
     """
-    sig, scale = _check("chunked", q, k, v, g, scale, initial_state)
-    C = sig.chunk_size(chunk_size)
+    _, scale, C = SPEC.check("chunked", q, k, v, g, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, chunk_size=chunk_size)
     c = SUB_CHUNK if C % SUB_CHUNK == 0 else C
     n_sub = C // c
     f = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
+    V = v.shape[-1]
+    n_chunks = -(-T // C)
 
     def chunks(t):   # [B, T, H, D] -> [B, H, n_c, C, D]
-        t = pad_time(t.to(f), C)
-        return t.reshape(Bsz, -1, C, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
+        return pad_time(t.to(f), C).reshape(Bsz, n_chunks, C, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
 
     Qc, Kc, Vc, Gc = chunks(q), chunks(k), chunks(v), chunks(g)
     b = Gc.cumsum(dim=-2)                                                       # chunk-local, ≤ 0
-    b_last = b[..., -1:, :]                                                     # b_C [B, H, n, 1, K]
+    to_end = _suffix_sums(Gc, dim=-2)                                           # b_C − b  [B, H, n, C, K]
 
     # 1. chunk states, then pass them along (the only sequential step)
-    local_states = (Kc * torch.exp(b_last - b)).transpose(-1, -2) @ Vc          # [B, H, n, K, V]
-    S = q.new_zeros(Bsz, H, K, v.shape[-1], dtype=f) if initial_state is None else initial_state.to(f)
+    local_states = (Kc * torch.exp(to_end)).transpose(-1, -2) @ Vc              # [B, H, n, K, V]
+    S = q.new_zeros(Bsz, H, K, V, dtype=f) if initial_state is None else initial_state.to(f)
     entering = []
-    for i in range(Qc.shape[2]):
+    for i in range(n_chunks):
         entering.append(S)
-        S = torch.exp(b_last[:, :, i, 0, :, None]) * S + local_states[:, :, i]
+        S = torch.exp(b[:, :, i, -1, :, None]) * S + local_states[:, :, i]
     entering = torch.stack(entering, dim=2)                                     # [B, H, n, K, V]
     # 2. inter-chunk output
     O_inter = (Qc * torch.exp(b)) @ entering
 
     # sub-chunk views [B, H, n, I, c, K]
-    sub = lambda t: t.reshape(*t.shape[:3], n_sub, c, t.shape[-1])
-    Qs, Ks, bs = sub(Qc), sub(Kc), sub(b)
-    b_ref = bs[..., :1, :]                                                      # [B, H, n, I, 1, K]
-    # 3. off-diagonal sub-blocks: exponent b_ref(I) − b_s(J), kept only for J < I (masked before exp)
-    I_before = torch.ones(n_sub, n_sub, dtype=torch.bool, device=q.device).tril(-1)   # [I, J]
-    key_exp = b_ref[:, :, :, :, None] - bs[:, :, :, None]                       # [B, H, n, I, J, c, K]
-    key_exp = key_exp.masked_fill(~I_before[:, :, None, None], float("-inf"))
-    A_off = torch.einsum("bhnirk,bhnijsk->bhnijrs", Qs * torch.exp(bs - b_ref), Ks[:, :, :, None] * torch.exp(key_exp))
-    # 4. diagonal sub-blocks, pairwise in the compute dtype
-    s_le_r = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(0)
-    pair_exp = (bs[..., :, None, :] - bs[..., None, :, :]).masked_fill(~s_le_r[:, :, None], float("-inf"))
-    A_diag = torch.einsum("bhnirk,bhnisk,bhnirsk->bhnirs", Qs, Ks, torch.exp(pair_exp))
+    sub = lambda t: t.reshape(*t.shape[:3], n_sub, c, t.shape[-1])             # noqa: E731
+    Qs, Ks, Gs = sub(Qc), sub(Kc), sub(Gc)
+    beta, gamma = Gs.cumsum(dim=-2), _suffix_sums(Gs, dim=-2)                  # [B, H, n, I, c, K]
+    # 3. off-diagonal sub-blocks: Σ_{J<L<I} g_L is the segsum of the sub-chunk sums at (I − 1, J);
+    #    shifted down one row, with −∞ for J ≥ I, so that those blocks vanish (masked before exp)
+    between = segsum(Gs.sum(dim=-2).transpose(-1, -2))                          # [B, H, n, K, I, J]
+    between = torch.cat([torch.full_like(between[..., :1, :], float("-inf")), between[..., :-1, :]], dim=-2)
+    key_exp = gamma[:, :, :, None] + between.permute(0, 1, 2, 4, 5, 3)[..., None, :]  # [B, H, n, I, J, c, K]
+    A_off = torch.einsum("bhnirk,bhnijsk->bhnijrs", Qs * torch.exp(beta), Ks[:, :, :, None] * torch.exp(key_exp))
+    # 4. diagonal sub-blocks, pairwise: exp(β_r − β_s) = exp(g_{s+1} + ⋯ + g_r), 0 for s > r
+    pair = torch.exp(segsum(Gs.transpose(-1, -2)))                              # [B, H, n, I, K, c, c]
+    A_diag = torch.einsum("bhnirk,bhnisk,bhnikrs->bhnirs", Qs, Ks, pair)
     A_blocks = A_off.clone()                                                    # [B, H, n, I, J, c, c]
     idx = torch.arange(n_sub, device=q.device)
     A_blocks[:, :, :, idx, idx] = A_diag                                        # I = J blocks were 0
-    A = A_blocks.permute(0, 1, 2, 3, 5, 4, 6).reshape(*Qc.shape[:3], C, C)      # [B, H, n, C, C]
+    A = A_blocks.permute(0, 1, 2, 3, 5, 4, 6).reshape(Bsz, H, n_chunks, C, C)   # [B, H, n, C, C]
     # 5. combine
     O = scale * (O_inter + A @ Vc)                                              # [B, H, n, C, V]
-    o = O.permute(0, 2, 3, 1, 4).reshape(Bsz, -1, H, v.shape[-1])[:, :T]
+    o = O.permute(0, 2, 3, 1, 4).reshape(Bsz, n_chunks * C, H, V)[:, :T]
     return o.to(q.dtype), (S if output_final_state else None)
 
 
@@ -181,52 +237,17 @@ def kernel(
     bf16, fp16 or fp32 inputs (fp64: use ``chunked``); K and V powers of two in 16..256;
     chunk_size a power of two in 16..128.  Differentiable in every input.
     """
+    call = SPEC.check("kernel", q, k, v, g, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
     from .kernels.gla import gla_chunked
-    return gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, chunk_size=chunk_size)
+    return gla_chunked(q, k, v, g, scale=call.scale, initial_state=initial_state,
+                       output_final_state=output_final_state, chunk_size=call.chunk_size, checked=call.sig)
 
 
 # ---- reference sections for help() ---------------------------------------------------
-# Every form takes the same inputs, so each is described once here; ``document``
+# Every form takes the same inputs, described once in SPEC; ``document``
 # (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
 # docstring above, whose math is what the notebooks' listings show.
-
-_PARAMETERS = descriptions("""
-q
-    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``k`` and
-    ``v`` share its dtype and every tensor its device.
-k
-    Keys ``[B, T, H, K]``.
-v
-    Values ``[B, T, H, V]``.
-g
-    Log forget gate g = log α ``[B, T, H, K]``, ≤ 0 everywhere (the GLA layer uses
-    ``logsigmoid(·) / 16``).  Any float dtype: keep it in fp32 beside half-precision
-    activations.
-scale
-    Multiplies every output, o_t = scale · S_tᵀ q_t.  None means K^(-1/2).
-initial_state
-    The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
-    zeros.  Passing one call's final state continues the sequence.
-output_final_state
-    Also return the state after the last token.
-chunk_size
-    Tokens per chunk, a positive int; T need not be a multiple (the last chunk is padded
-    with zero keys and gates, which is exact).  Sub-chunks are 16 tokens when 16 divides
-    it.
-""")
-
-_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
-q
-    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability 8.0
-    or newer) or float32 (for float64 use ``chunked``), K a power of two from 16 to 256.
-    ``k`` and ``v`` share its dtype and every tensor its device: CUDA, or the CPU where
-    Triton's interpreter is on (lecture_kit turns it on when no GPU is visible).
-v
-    Values ``[B, T, H, V]``, V a power of two from 16 to 256.
-chunk_size
-    Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.
-""")}
 
 _RETURNS = """
 o : torch.Tensor
@@ -244,7 +265,7 @@ _SETUP = """
 >>> g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 16   # log α ≤ 0
 """
 
-document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> o, S = lk.gla.recurrent(q, k, v, g, output_final_state=True)
 >>> o.shape, S.shape, S.dtype
@@ -262,7 +283,7 @@ True
 True
 """)
 
-document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
 >>> o, S = lk.gla.parallel(q, k, v, g, **kw)
@@ -278,7 +299,7 @@ Half-precision activations with an fp32 gate: the output is bf16, the state stay
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
@@ -289,7 +310,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
 P : torch.Tensor
     The mixing matrix ``[B, H, T, T]``, in q's dtype, lower triangular: with a zero
     initial state, ``o[b, :, h] = P[b, h] @ v[b, :, h]``.
@@ -308,7 +329,7 @@ Every block on or below the diagonal has rank at most K (measured in fp64):
 16
 """)
 
-document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
+document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
          examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (q, k, v, g)]

@@ -24,22 +24,62 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
-from ._validate import Signature, compute_dtype
+from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._spec import Arg, MixerSpec
+from ._validate import compute_dtype
 from .semiseparable import segsum
 
 
-def _check(fn, q, k, v, log_gamma, scale, initial_state=None, values=True):
-    sig = Signature(f"retnet.{fn}")
-    sig.tensor("q", q, "B T H K")
-    sig.tensor("k", k, "B T H K")
-    if values:
-        sig.tensor("v", v, "B T H V")
-    sig.tensor("log_gamma", log_gamma, "H", same_dtype=False)
-    sig.at_least_one("T")
-    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
-    sig.nonpositive("log_gamma", log_gamma)
-    return sig, (sig.sizes["K"] ** -0.5 if scale is None else sig.scalar("scale", scale))
+def _sample(g, n, gate):
+    """q, k, v standard normal; RetNet's decays log γ_h = log(1 − 2^{−5−h}) (``gate="strong"``:
+    log(1 − 2^{−1−h}))."""
+    B, T, H, K, V = (n[d] for d in ("B", "T", "H", "K", "V"))
+    h = torch.arange(H, dtype=torch.float64)
+    log_gamma = torch.log1p(-2.0 ** (-5 - h)) if gate == "weak" else torch.log1p(-2.0 ** (-1 - h))
+    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
+    return (randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), log_gamma), {}
+
+
+#: Retention's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the
+#: docs, ``testing.random_inputs`` and the retention layer.
+SPEC = MixerSpec(
+    name="retnet", title="RetNet",
+    inputs=(
+        Arg("q", "B T H K", """
+            Queries ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16, float32 or float64.
+            ``k`` and ``v`` share its dtype and every tensor its device.  B = 0 or H = 0 give
+            empty results of the right shapes.""",
+            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
+                   "newer) or float32, and K a power of two from 16 to 256, on CUDA or on the CPU "
+                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
+        Arg("k", "B T H K", "Keys ``[B, T, H, K]``."),
+        Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
+            kernel="``kernel``: V a power of two from 16 to 256."),
+        Arg("log_gamma", "H", """
+            Per-head log decay log γ ``[H]``, ≤ 0 (RetNet: ``log(1 - 2**(-5 - h))`` for head h;
+            0 is causal linear attention without decay, −inf a head that forgets everything at
+            every token).  Any float dtype.""", activation=False, sign="<= 0"),
+    ),
+    values="v",
+    keywords=(
+        Arg("initial_state", "B H K V", """
+            The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
+            zeros.  Passing one call's final state continues the sequence.""", activation=False),
+    ),
+    key_dim="K", value_dim="V",
+    scale="K^-1/2", scale_description="""
+        Multiplies every output, o_t = scale · S_tᵀ q_t: a finite Python (or numpy) number, not a
+        tensor.  None means K^(-1/2).""",
+    chunk_size=64, kernel_chunk_size=64,
+    chunk_description="""
+        Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be
+        a multiple (the last chunk is shorter).""",
+    kernel_chunk_description="""
+        Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.""",
+    log_decay=("log_gamma",),
+    sample=_sample,
+    kernel_names={"log_decay": "log_gamma", "G": "H"},
+)
 
 
 def recurrent(
@@ -49,7 +89,8 @@ def recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition, one token at a time:
     S_t = γ S_{t-1} + k_t v_tᵀ,  o_t = scale · S_tᵀ q_t."""
-    _, scale = _check("recurrent", q, k, v, log_gamma, scale, initial_state)
+    scale = SPEC.check("recurrent", q, k, v, log_gamma, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state).scale
     f = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
     q_, k_, v_ = q.to(f), k.to(f), v.to(f)
@@ -70,7 +111,7 @@ def _decay_mask(log_gamma, T, f):
 def matrix(q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, *,
            scale: float | None = None) -> torch.Tensor:
     """The retention matrix scale · (Q Kᵀ ∘ D)  [B, H, T, T], so that o = matrix @ v."""
-    _, scale = _check("matrix", q, k, None, log_gamma, scale, values=False)
+    scale = SPEC.check("matrix", q, k, log_gamma, scale=scale).scale
     f = compute_dtype(q.dtype)
     P = scale * torch.einsum("bihk,bjhk->bhij", q.to(f), k.to(f)) * _decay_mask(log_gamma, q.shape[1], f)
     return P.to(q.dtype)
@@ -83,7 +124,8 @@ def parallel(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The parallel form O = scale · (Q Kᵀ ∘ D) V, plus the initial state's decayed read-out
     scale · γ^{n+1} S_0ᵀ q_n; the final state is Σ_m γ^{T−1−m} k_m v_mᵀ + γ^T S_0."""
-    _, scale = _check("parallel", q, k, v, log_gamma, scale, initial_state)
+    scale = SPEC.check("parallel", q, k, v, log_gamma, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state).scale
     f = compute_dtype(q.dtype)
     T = q.shape[1]
     q_, k_, v_ = q.to(f), k.to(f), v.to(f)
@@ -114,8 +156,8 @@ def chunked(
     The first term is the parallel form inside the chunk; the second reads the state that entered
     it; R carries the state from chunk to chunk.  Cost: linear in T.
     """
-    sig, scale = _check("chunked", q, k, v, log_gamma, scale, initial_state)
-    Q = sig.chunk_size(chunk_size)
+    _, scale, Q = SPEC.check("chunked", q, k, v, log_gamma, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, chunk_size=chunk_size)
     f = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
     lg = log_gamma.to(f)[:, None]                                              # [H, 1]
@@ -127,7 +169,7 @@ def chunked(
         pos = torch.arange(n, dtype=f, device=q.device)
         D = _decay_mask(log_gamma, n, f)                                       # [H, n, n]
         xi = torch.exp(lg * (pos + 1))                                         # [H, n]
-        zeta = torch.exp(lg * (n - 1 - pos))                                   # [H, n]
+        zeta = D[:, -1, :]                                                     # γ^{n−1−j} [H, n]
         inner = torch.einsum("bihk,bjhk,hij,bjhv->bihv", qc, kc, D, vc)
         cross = torch.einsum("bihk,bhkv->bihv", qc, R) * xi.T[None, :, :, None]
         outs.append(scale * (inner + cross))
@@ -146,51 +188,18 @@ def kernel(
     bf16, fp16 or fp32 inputs (fp64: use ``chunked``); K and V powers of two in 16..256;
     chunk_size 16, 32, 64 or 128.  Forward and backward are Triton kernels.
     """
+    call = SPEC.check("kernel", q, k, v, log_gamma, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
     from .kernels.scalar_decay import scalar_decay_chunked
-    return scalar_decay_chunked(q, k, v, log_gamma, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-                                initial_state=initial_state, output_final_state=output_final_state,
-                                chunk_size=chunk_size)
+    return scalar_decay_chunked(q, k, v, log_gamma, scale=call.scale, initial_state=initial_state,
+                                output_final_state=output_final_state, chunk_size=call.chunk_size,
+                                checked=call.sig)
 
 
 # ---- reference sections for help() ---------------------------------------------------
-# Every form takes the same inputs, so each is described once here; ``document``
+# Every form takes the same inputs, described once in SPEC; ``document``
 # (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
 # docstring above, whose math is what the notebooks' listings show.
-
-_PARAMETERS = descriptions("""
-q
-    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``k`` and
-    ``v`` share its dtype and every tensor its device.
-k
-    Keys ``[B, T, H, K]``.
-v
-    Values ``[B, T, H, V]``.
-log_gamma
-    Per-head log decay log γ ``[H]``, ≤ 0 (RetNet: ``log(1 - 2**(-5 - h))`` for head h;
-    0 is causal linear attention without decay).  Any float dtype.
-scale
-    Multiplies every output, o_t = scale · S_tᵀ q_t.  None means K^(-1/2).
-initial_state
-    The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
-    zeros.  Passing one call's final state continues the sequence.
-output_final_state
-    Also return the state after the last token.
-chunk_size
-    Tokens per chunk, a positive int; T need not be a multiple (the last chunk is
-    shorter).
-""")
-
-_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
-q
-    Queries ``[B, T, H, K]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability 8.0
-    or newer) or float32 (for float64 use ``chunked``), K a power of two from 16 to 256.
-    ``k`` and ``v`` share its dtype and every tensor its device: CUDA, or the CPU where
-    Triton's interpreter is on (lecture_kit turns it on when no GPU is visible).
-v
-    Values ``[B, T, H, V]``, V a power of two from 16 to 256.
-chunk_size
-    Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.
-""")}
 
 _RETURNS = """
 o : torch.Tensor
@@ -208,7 +217,7 @@ _SETUP = """
 >>> log_gamma = torch.log1p(-2.0 ** (-5 - torch.arange(H)))     # RetNet's: log γ < 0
 """
 
-document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> o, S = lk.retnet.recurrent(q, k, v, log_gamma, output_final_state=True)
 >>> o.shape, S.shape, S.dtype
@@ -227,7 +236,7 @@ True
 True
 """)
 
-document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
 >>> o, S = lk.retnet.parallel(q, k, v, log_gamma, **kw)
@@ -243,7 +252,7 @@ Half-precision activations with an fp32 decay: the output is bf16, the state sta
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
@@ -254,7 +263,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
 P : torch.Tensor
     The retention matrix ``[B, H, T, T]``, in q's dtype, lower triangular: with a zero
     initial state, ``o[b, :, h] = P[b, h] @ v[b, :, h]``.
@@ -273,12 +282,7 @@ Every block on or below the diagonal has rank at most K (measured in fp64):
 16
 """)
 
-document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=["""
-ValueError
-    If an argument breaks a requirement stated under Parameters (its type, shape, dtype,
-    device or range).  The message comes from the kernel shared with SSD, and names
-    ``log_gamma`` as ``log_decay``.
-""", NO_TRITON],
+document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
          examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (q, k, v, log_gamma)]

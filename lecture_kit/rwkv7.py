@@ -26,24 +26,72 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
-from ._validate import Signature, compute_dtype, pad_time
+from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._spec import Arg, MixerSpec
+from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum, sss_matrix
 
 
-def _check(fn, r, w, k, v, a, b, scale, initial_state=None, values=True):
-    sig = Signature(f"rwkv7.{fn}")
-    sig.tensor("r", r, "B T H K")
-    sig.tensor("w", w, "B T H K", same_dtype=False)
-    sig.tensor("k", k, "B T H K")
-    if values:
-        sig.tensor("v", v, "B T H V")
-    sig.tensor("a", a, "B T H K")
-    sig.tensor("b", b, "B T H K")
-    sig.at_least_one("T")
-    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
-    sig.nonpositive("w", w)
-    return sig, sig.scalar("scale", scale)
+def _sample(g, n, gate):
+    """The layer's bounded decay w = −e^{−1/2}·σ(N(0, 1)) (``gate="strong"``: unbounded,
+    −exp(N(1, 1)), down to about −20); a = −κ̂ and b = κ̂ ∘ a_icl with κ̂ a unit removal key and
+    a_icl = σ(N(0, 1)); r, v standard normal, k of variance 1/K."""
+    B, T, H, K, V = (n[d] for d in ("B", "T", "H", "K", "V"))
+    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
+    w = -0.6065306597126334 * torch.sigmoid(randn(B, T, H, K)) if gate == "weak" \
+        else -torch.exp(randn(B, T, H, K) + 1.0)
+    kappa = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1)
+    a_icl = torch.sigmoid(randn(B, T, H, K))
+    return (randn(B, T, H, K), w, randn(B, T, H, K) / K ** 0.5, randn(B, T, H, V), -kappa,
+            kappa * a_icl), {}
+
+
+#: RWKV-7's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the
+#: docs, ``testing.random_inputs`` and the time-mix layer.
+SPEC = MixerSpec(
+    name="rwkv7", title="RWKV-7",
+    inputs=(
+        Arg("r", "B T H K", """
+            Receptance, RWKV's query, ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16,
+            float32 or float64.  ``k``, ``v``, ``a`` and ``b`` share its dtype and every tensor
+            its device.  B = 0 or H = 0 give empty results of the right shapes.""",
+            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
+                   "newer) or float32, and K a power of two from 16 to 256, on CUDA or on the CPU "
+                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
+        Arg("w", "B T H K", """
+            Log decay ``[B, T, H, K]``, ≤ 0 everywhere (the layer uses
+            ``-exp(-0.5) * sigmoid(·)``); −inf resets a channel of the state.  Any float dtype:
+            keep it in fp32 beside half-precision activations.""", activation=False, sign="<= 0"),
+        Arg("k", "B T H K", "Keys ``[B, T, H, K]``."),
+        Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
+            kernel="``kernel``: V a power of two from 16 to 256."),
+        Arg("a", "B T H K", """
+            The transition's left factor ``[B, T, H, K]``: the layer passes ``-kappa``, a
+            removal key of unit norm per head."""),
+        Arg("b", "B T H K", """
+            The transition's right factor ``[B, T, H, K]``: the layer passes ``kappa * a_icl``,
+            with an in-context learning rate ``a_icl`` in (0, 1)."""),
+    ),
+    values="v",
+    keywords=(
+        Arg("initial_state", "B H K V", """
+            The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
+            zeros.  Passing one call's final state continues the sequence.""", activation=False),
+    ),
+    key_dim="K", value_dim="V",
+    scale=1.0, scale_description="""
+        Multiplies every output, o_t = scale · S_tᵀ r_t: a finite Python (or numpy) number, not a
+        tensor (fla's RWKV-7 uses 1.0, the default).""",
+    chunk_size=64, kernel_chunk_size=16,
+    chunk_description="""
+        Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be
+        a multiple (the last chunk is padded with zero keys and decays, which is exact).""",
+    kernel_chunk_description="""
+        Tokens per chunk: 16 for any K, 32 for K ≤ 128, 64 for K ≤ 64.  T need not be a
+        multiple.""",
+    log_decay=("w",),
+    sample=_sample,
+)
 
 
 def _transitions(w, a, b, f):
@@ -59,7 +107,8 @@ def recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition, one token at a time:
     S_t = diag(exp w_t) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ,  o_t = scale · S_tᵀ r_t."""
-    _, scale = _check("recurrent", r, w, k, v, a, b, scale, initial_state)
+    scale = SPEC.check("recurrent", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state).scale
     f = compute_dtype(r.dtype)
     Bsz, T, H, K = r.shape
     r_, k_, v_, a_, b_, decay = r.to(f), k.to(f), v.to(f), a.to(f), b.to(f), torch.exp(w.to(f))
@@ -79,7 +128,7 @@ def matrix(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, a: torch.Tensor,
 
     Built directly from the SSS representation (``semiseparable.sss_matrix``), O(T² K²).
     """
-    _, scale = _check("matrix", r, w, k, None, a, b, scale, values=False)
+    scale = SPEC.check("matrix", r, w, k, a, b, scale=scale).scale
     f = compute_dtype(r.dtype)
     G = _transitions(w, a, b, f)
     A = sss_matrix(scale * r.to(f).transpose(1, 2), G, k.to(f).transpose(1, 2))
@@ -96,7 +145,8 @@ def parallel(
     The final state is Σ_j (G_{T-1} ⋯ G_{j+1} k_j) v_jᵀ + G_{T-1} ⋯ G_0 S_0, with the products of
     transitions accumulated in one backward sweep.
     """
-    _, scale = _check("parallel", r, w, k, v, a, b, scale, initial_state)
+    scale = SPEC.check("parallel", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state).scale
     f = compute_dtype(r.dtype)
     T = r.shape[1]
     r_, k_, v_ = r.to(f), k.to(f), v.to(f)
@@ -145,14 +195,15 @@ def chunked(
         O = scale · (A^{qk} V + A^{qb} 𝒱 + (r ∘ e^{Γ}) S_0)
         S = e^{Γ_C} ∘ S_0 + (k ∘ e^{Γ_C − Γ})ᵀ V + (b ∘ e^{Γ_C − Γ})ᵀ 𝒱
     """
-    sig, scale = _check("chunked", r, w, k, v, a, b, scale, initial_state)
-    C = sig.chunk_size(chunk_size)
+    _, scale, C = SPEC.check("chunked", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, chunk_size=chunk_size)
     f = compute_dtype(r.dtype)
     Bsz, T, H, K = r.shape
+    V = v.shape[-1]
+    n_chunks = -(-T // C)
 
     def chunks(t):   # [B, T, H, D] -> [B, H, n_c, C, D]
-        t = pad_time(t.to(f), C)
-        return t.reshape(Bsz, -1, C, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
+        return pad_time(t.to(f), C).reshape(Bsz, n_chunks, C, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
 
     Rc, Wc, Kc, Vc, Ac, Bc = (chunks(t) for t in (r, w, k, v, a, b))
     # pairwise exponents per channel: inclusive Γ_i − Γ_j (j ≤ i) and exclusive Γ⁻_i − Γ_j (j < i)
@@ -181,7 +232,7 @@ def chunked(
         S = torch.exp(Gamma[:, :, i, -1, :, None]) * S \
             + (Kc[:, :, i] * to_end[:, :, i]).transpose(-1, -2) @ Vc[:, :, i] \
             + (Bc[:, :, i] * to_end[:, :, i]).transpose(-1, -2) @ pseudo
-    o = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(Bsz, -1, H, v.shape[-1])[:, :T]
+    o = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(Bsz, n_chunks * C, H, V)[:, :T]
     return o.to(r.dtype), (S if output_final_state else None)
 
 
@@ -197,65 +248,17 @@ def kernel(
     (fp64: use ``chunked``); K and V powers of two in 16..256; chunk_size 16 (any K), 32 (K ≤ 128)
     or 64 (K ≤ 64).  Differentiable in every input.
     """
+    call = SPEC.check("kernel", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
     from .kernels.rwkv7 import rwkv7_chunked
-    return rwkv7_chunked(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
-                         output_final_state=output_final_state, chunk_size=chunk_size)
+    return rwkv7_chunked(r, w, k, v, a, b, scale=call.scale, initial_state=initial_state,
+                         output_final_state=output_final_state, chunk_size=call.chunk_size, checked=call.sig)
 
 
 # ---- reference sections for help() ---------------------------------------------------
-# Every form takes the same inputs, so each is described once here; ``document``
+# Every form takes the same inputs, described once in SPEC; ``document``
 # (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
 # docstring above, whose math is what the notebooks' listings show.
-
-_PARAMETERS = descriptions("""
-r
-    Receptance, RWKV's query, ``[B, T, H, K]``, T ≥ 1: float16, bfloat16, float32 or
-    float64.  ``k``, ``v``, ``a`` and ``b`` share its dtype and every tensor its device.
-w
-    Log decay ``[B, T, H, K]``, ≤ 0 everywhere (the layer uses
-    ``-exp(-0.5) * sigmoid(·)``).  Any float dtype: keep it in fp32 beside
-    half-precision activations.
-k
-    Keys ``[B, T, H, K]``.
-v
-    Values ``[B, T, H, V]``.
-a
-    The transition's left factor ``[B, T, H, K]``: the layer passes ``-kappa``, a
-    removal key of unit norm per head.
-b
-    The transition's right factor ``[B, T, H, K]``: the layer passes ``kappa * a_icl``,
-    with an in-context learning rate ``a_icl`` in (0, 1).
-scale
-    Multiplies every output, o_t = scale · S_tᵀ r_t (fla's RWKV-7 uses 1.0, the
-    default).
-initial_state
-    The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
-    zeros.  Passing one call's final state continues the sequence.
-output_final_state
-    Also return the state after the last token.
-chunk_size
-    Tokens per chunk, a positive int; T need not be a multiple (the last chunk is padded
-    with zero keys and decays, which is exact).
-""")
-
-_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
-r
-    Receptance ``[B, T, H, K]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability
-    8.0 or newer) or float32 (for float64 use ``chunked``), K a power of two from 16 to
-    256.  ``k``, ``v``, ``a`` and ``b`` share its dtype and every tensor its device:
-    CUDA, or the CPU where Triton's interpreter is on (lecture_kit turns it on when no
-    GPU is visible).
-w
-    Log decay ``[B, T, H, K]``, ≤ 0 everywhere, in r's dtype or float32.
-v
-    Values ``[B, T, H, V]``, V a power of two from 16 to 256.
-initial_state
-    The state S_0 ``[B, H, K, V]`` before the first token, float32 (float16 and bfloat16
-    are promoted; float64 is refused); None means zeros.
-chunk_size
-    Tokens per chunk: 16 for any K, 32 for K ≤ 128, 64 for K ≤ 64.  T need not be a
-    multiple.
-""")}
 
 _RETURNS = """
 o : torch.Tensor
@@ -275,7 +278,7 @@ _SETUP = """
 >>> a, b = -kappa, kappa * torch.sigmoid(torch.randn(B, T, H, K))    # the delta rule
 """
 
-document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> o, S = lk.rwkv7.recurrent(r, w, k, v, a, b, output_final_state=True)
 >>> o.shape, S.shape, S.dtype
@@ -293,7 +296,7 @@ True
 True
 """)
 
-document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
 >>> o, S = lk.rwkv7.parallel(r, w, k, v, a, b, **kw)
@@ -309,7 +312,7 @@ Half-precision activations with an fp32 decay: the output is bf16, the state sta
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
@@ -320,7 +323,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
 A : torch.Tensor
     The mixing matrix ``[B, H, T, T]``, in r's dtype, lower triangular: with a zero
     initial state, ``o[b, :, h] = A[b, h] @ v[b, :, h]``.
@@ -339,7 +342,7 @@ Every block on or below the diagonal has rank at most K (measured in fp64):
 16
 """)
 
-document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
+document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
          examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (r, w, k, v, a, b)]

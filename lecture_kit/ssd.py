@@ -23,29 +23,82 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, descriptions, document
-from ._validate import Signature, compute_dtype, pad_time
+from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._spec import Arg, MixerSpec
+from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum
 
 
-def _check(fn, x, dt, A, B, C, D=None, initial_state=None, values=True):
-    sig = Signature(f"ssd.{fn}")
-    if values:
-        sig.tensor("x", x, "B T H P")
-    sig.tensor("dt", dt, "B T H", same_dtype=False)
-    sig.tensor("A", A, "H", same_dtype=False)
-    sig.tensor("B", B, "B T G N")
-    sig.tensor("C", C, "B T G N")
-    sig.at_least_one("T")
-    H, G = sig.sizes["H"], sig.sizes["G"]
-    if G < 1 or H % G:
-        raise sig.error(f"the number of groups G = {G} (from B and C [B, T, G, N]) must divide "
-                        f"the number of heads H = {H}")
-    sig.one_of("D", D, "H", "H P")
-    sig.optional("initial_state", initial_state, "B H P N", same_dtype=False)
-    sig.nonnegative("dt", dt)
-    sig.negative("A", A)
-    return sig
+def _sample(g, n, gate):
+    """Mamba-2's initialisation: Δ log-uniform in [1e-3, 1e-1] (``gate="strong"``: uniform in
+    [0.5, 2]), A = −U[1, 16]; x, B, C and D standard normal."""
+    B, T, H, G, N, P = (n[d] for d in ("B", "T", "H", "G", "N", "P"))
+    if gate == "weak":
+        log_range = torch.log(torch.tensor([1e-3, 1e-1])).tolist()
+        dt = torch.exp(torch.empty(B, T, H).uniform_(*log_range, generator=g))
+    else:
+        dt = 0.5 + 1.5 * torch.rand(B, T, H, generator=g)
+    A = -(1 + 15 * torch.rand(H, generator=g))
+    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
+    return (randn(B, T, H, P), dt, A, randn(B, T, G, N), randn(B, T, G, N)), {"D": randn(H)}
+
+
+#: SSD's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the docs,
+#: ``testing.random_inputs`` and the Mamba-2 block.
+SPEC = MixerSpec(
+    name="ssd", title="SSD",
+    inputs=(
+        Arg("x", "B T H P", """
+            Inputs ``[B, T, H, P]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``B`` and
+            ``C`` share its dtype and every tensor its device.  B = 0, H = 0 or P = 0 give
+            empty results of the right shapes.""",
+            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
+                   "newer) or float32, and P a power of two from 16 to 256, on CUDA or on the CPU "
+                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
+        Arg("dt", "B T H", """
+            Step sizes Δ ``[B, T, H]``, finite and ≥ 0, already discretised (Mamba-2 passes
+            ``softplus(dt + dt_bias)``).  Any float dtype.  Δ = 0 skips a token: decay 1 and no
+            input, whatever A (even −inf).""", activation=False, sign=">= 0"),
+        Arg("A", "H", """
+            Per-head decay rate ``[H]``, < 0 everywhere (Mamba-2 uses ``-exp(A_log)``); token
+            t's decay is a_t = exp(Δ_t A), and A = −inf makes a head forget everything at every
+            token.  Any float dtype.""", activation=False, sign="< 0"),
+        Arg("B", "B T G N", """
+            Input projections ``[B, T, G, N]``, N ≥ 1 and G ≥ 1 groups dividing H: head h reads
+            group ``h // (H // G)``, as grouped-query attention shares keys.""",
+            kernel="``kernel``: N a power of two from 16 to 256."),
+        Arg("C", "B T G N", """
+            Output projections ``[B, T, G, N]``, grouped as ``B``."""),
+    ),
+    values="x",
+    keywords=(
+        Arg("D", "H | H P", """
+            Skip weight ``[H]`` or ``[H, P]``, any float dtype, adding D x to the output; None
+            for no skip term.""", activation=False),
+        Arg("initial_state", "B H P N", """
+            The state h_0 ``[B, H, P, N]`` before the first token, any float dtype; None means
+            zeros.  Passing one call's final state continues the sequence.""", activation=False),
+    ),
+    key_dim="N", value_dim="P",
+    scale=None, scale_description="",
+    chunk_size=64, kernel_chunk_size=64,
+    chunk_description="""
+        Tokens per chunk Q, a positive integer (a numpy or 0-d tensor integer too); T need not
+        be a multiple (the last chunk is padded with Δ = 0, which is exact).""",
+    kernel_chunk_description="""
+        Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.""",
+    log_decay=("dt", "A"),
+    sample=_sample,
+    constraint=lambda sig: sig.groups_divide("G", "H"),
+    kernel_names={"q": "C", "k": "B", "v": "x", "log_decay": "A", "K": "N", "V": "P"},
+)
+
+
+def _log_decay(dt, A, f):
+    """ℓ_t = Δ_t A  [B, T, H] in dtype f, and 0 where Δ_t = 0: a skipped token, even for A = −inf,
+    where the product would be 0·(−inf) = NaN."""
+    dt, A = dt.to(f), A.to(f)
+    return torch.where(dt == 0, 0.0, dt * A)
 
 
 def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
@@ -68,13 +121,14 @@ def recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition, one token at a time:
     h_t = a_t h_{t-1} + Δ_t x_t B_tᵀ,  y_t = h_t C_t + D x_t."""
-    sig = _check("recurrent", x, dt, A, B, C, D, initial_state)
+    SPEC.check("recurrent", x, dt, A, B, C, D=D, initial_state=initial_state,
+               output_final_state=output_final_state)
     f = compute_dtype(x.dtype)
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
     x_, dt_ = x.to(f), dt.to(f)
     B_, C_ = _heads(B, H).to(f), _heads(C, H).to(f)
-    a = torch.exp(dt_ * A.to(f))                                       # [B, T, H]
+    a = torch.exp(_log_decay(dt, A, f))                                # [B, T, H]
     h = x.new_zeros(Bsz, H, P, N, dtype=f) if initial_state is None else initial_state.to(f)
     ys = []
     for t in range(T):
@@ -87,7 +141,7 @@ def recurrent(
 def _matrix(dt, A, B, C, f):
     """M [B, H, T, T] in dtype f; see ``matrix``."""
     H = A.shape[0]
-    log_a = (dt.to(f) * A.to(f)).transpose(1, 2)                        # ℓ [B, H, T]
+    log_a = _log_decay(dt, A, f).transpose(1, 2)                         # ℓ [B, H, T]
     L = torch.exp(segsum(log_a))                                         # 1-SS mask [B, H, T, T]
     CB = torch.einsum("bign,bjgn->bgij", C.to(f), B.to(f))               # once per group
     CB = CB.repeat_interleave(H // B.shape[2], dim=1)                    # [B, H, T, T]
@@ -101,7 +155,7 @@ def matrix(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     This is also Mamba-2's "hidden attention" (Ali et al., 2024): one T×T matrix per head, shared by
     the head's P channels.
     """
-    _check("matrix", None, dt, A, B, C, values=False)
+    SPEC.check("matrix", dt, A, B, C)
     return _matrix(dt, A, B, C, compute_dtype(B.dtype)).to(B.dtype)
 
 
@@ -115,13 +169,14 @@ def parallel(
     With an initial state h_0: y_t gains exp(ℓ_0 + ⋯ + ℓ_t) h_0 C_t, and the final state is
     Σ_j L_{T-1, j} Δ_j x_j B_jᵀ + exp(ℓ_0 + ⋯ + ℓ_{T-1}) h_0  (the last row of the same mask).
     """
-    _check("parallel", x, dt, A, B, C, D, initial_state)
+    SPEC.check("parallel", x, dt, A, B, C, D=D, initial_state=initial_state,
+               output_final_state=output_final_state)
     f = compute_dtype(x.dtype)
     H = x.shape[2]
     M = _matrix(dt, A, B, C, f)
     x_ = x.to(f)
     y = torch.einsum("bhij,bjhp->bihp", M, x_)
-    log_a = dt.to(f) * A.to(f)                                           # [B, T, H]
+    log_a = _log_decay(dt, A, f)                                         # [B, T, H]
     final = None
     if initial_state is not None or output_final_state:
         C_ = _heads(C, H).to(f)
@@ -152,8 +207,8 @@ def chunked(
       4. state → output:   Y_off[s] = exp(Λ_s) h_{c-1} C_s
     Steps 1, 2 and 4 are batched matmuls; step 3 touches only n_c = T/Q states.
     """
-    sig = _check("chunked", x, dt, A, B, C, D, initial_state)
-    Q = sig.chunk_size(chunk_size)
+    Q = SPEC.check("chunked", x, dt, A, B, C, D=D, initial_state=initial_state,
+                   output_final_state=output_final_state, chunk_size=chunk_size).chunk_size
     f = compute_dtype(x.dtype)
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
@@ -163,7 +218,7 @@ def chunked(
         return t.reshape(Bsz, t.shape[1] // Q, Q, *t.shape[2:])
 
     X = chunks(x.to(f) * dt.to(f)[..., None])                            # Δ x      [B, c, Q, H, P]
-    ell = chunks(dt.to(f) * A.to(f)).permute(0, 3, 1, 2)                 # ℓ        [B, H, c, Q]
+    ell = chunks(_log_decay(dt, A, f)).permute(0, 3, 1, 2)               # ℓ        [B, H, c, Q]
     Bc, Cc = chunks(_heads(B, H).to(f)), chunks(_heads(C, H).to(f))     # [B, c, Q, H, N]
     Lam = ell.cumsum(dim=-1)                                             # Λ, chunk-local
 
@@ -182,7 +237,7 @@ def chunked(
     # 4. state -> output
     Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, torch.exp(Lam))
 
-    y = (Y_diag + Y_off).reshape(Bsz, -1, H, P)[:, :T]
+    y = (Y_diag + Y_off).reshape(Bsz, X.shape[1] * Q, H, P)[:, :T]
     return _skip(y, x.to(f), D).to(x.dtype), (h if output_final_state else None)
 
 
@@ -200,58 +255,20 @@ def kernel(
     in and out.  bf16, fp16 or fp32 inputs (fp64: use ``chunked``); N and P powers of two in
     16..256; chunk_size 16, 32, 64 or 128.  Forward and backward are Triton kernels.
     """
+    call = SPEC.check("kernel", x, dt, A, B, C, D=D, initial_state=initial_state,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
     from .kernels.scalar_decay import scalar_decay_chunked
     h0 = None if initial_state is None else initial_state.transpose(-1, -2).contiguous()
     y, final = scalar_decay_chunked(C, B, x, A, dt=dt, scale=1.0, D=D, initial_state=h0,
-                                    output_final_state=output_final_state, chunk_size=chunk_size)
+                                    output_final_state=output_final_state, chunk_size=call.chunk_size,
+                                    checked=call.sig)
     return y, (None if final is None else final.transpose(-1, -2))
 
 
 # ---- reference sections for help() ---------------------------------------------------
-# Every form takes the same inputs, so each is described once here; ``document``
+# Every form takes the same inputs, described once in SPEC; ``document``
 # (lecture_kit/_docs.py) appends Parameters, Returns, Raises and Examples to each form's
 # docstring above, whose math is what the notebooks' listings show.
-
-_PARAMETERS = descriptions("""
-x
-    Inputs ``[B, T, H, P]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``B`` and
-    ``C`` share its dtype and every tensor its device.
-dt
-    Step sizes Δ ``[B, T, H]``, ≥ 0 and already discretised (Mamba-2 passes
-    ``softplus(dt + dt_bias)``).  Any float dtype.
-A
-    Per-head decay rate ``[H]``, < 0 everywhere (Mamba-2 uses ``-exp(A_log)``); token
-    t's decay is a_t = exp(Δ_t A).  Any float dtype.
-B
-    Input projections ``[B, T, G, N]``, G groups dividing H: head h reads group
-    ``h // (H // G)``, as grouped-query attention shares keys.
-C
-    Output projections ``[B, T, G, N]``, grouped as ``B``.
-D
-    Skip weight ``[H]`` or ``[H, P]``, any float dtype, adding D x to the output; None
-    for no skip term.
-initial_state
-    The state h_0 ``[B, H, P, N]`` before the first token, any float dtype; None means
-    zeros.  Passing one call's final state continues the sequence.
-output_final_state
-    Also return the state after the last token.
-chunk_size
-    Tokens per chunk Q, a positive int; T need not be a multiple (the last chunk is
-    padded with Δ = 0, which is exact).
-""")
-
-_KERNEL_PARAMETERS = {**_PARAMETERS, **descriptions("""
-x
-    Inputs ``[B, T, H, P]``, T ≥ 1: float16, bfloat16 (on a GPU, compute capability 8.0
-    or newer) or float32 (for float64 use ``chunked``), P a power of two from 16 to 256.
-    ``B`` and ``C`` share its dtype and every tensor its device: CUDA, or the CPU where
-    Triton's interpreter is on (lecture_kit turns it on when no GPU is visible).
-B
-    Input projections ``[B, T, G, N]``, N a power of two from 16 to 256 and G groups
-    dividing H: head h reads group ``h // (H // G)``.
-chunk_size
-    Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.
-""")}
 
 _RETURNS = """
 y : torch.Tensor
@@ -272,7 +289,7 @@ _SETUP = """
 >>> D = torch.ones(H)
 """
 
-document(recurrent, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> y, h = lk.ssd.recurrent(x, dt, A, B, C, D=D, output_final_state=True)
 >>> y.shape, h.shape, h.dtype
@@ -291,7 +308,7 @@ True
 True
 """)
 
-document(parallel, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 >>> kw = dict(D=D, initial_state=torch.randn(batch, H, P, N), output_final_state=True)
 >>> y, h = lk.ssd.parallel(x, dt, A, B, C, **kw)
@@ -307,7 +324,7 @@ Half-precision activations with fp32 Δ and A: the output is bf16, the state sta
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, _PARAMETERS, returns=_RETURNS, raises=[VALUE_ERROR],
+document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
          examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
@@ -318,7 +335,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, _PARAMETERS, raises=[VALUE_ERROR], returns="""
+document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
 M : torch.Tensor
     The mixing matrix ``[B, H, T, T]``, in B's dtype, lower triangular and shared by a
     head's P channels: with a zero initial state,
@@ -338,13 +355,7 @@ Every block on or below the diagonal has rank at most N (measured in fp64):
 16
 """)
 
-document(kernel, _KERNEL_PARAMETERS, returns=_RETURNS, raises=["""
-ValueError
-    If an argument breaks a requirement stated under Parameters (its type, shape, dtype,
-    device or range).  The message comes from the kernel shared with RetNet, in its
-    names: q = C, k = B, v = x, log_decay = A, K = N, V = P, and the state as
-    ``[B, H, N, P]``.
-""", NO_TRITON],
+document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
          examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (x, dt, A, B, C)]

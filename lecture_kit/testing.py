@@ -10,10 +10,10 @@ The reference is always computed in fp64 from the *same rounded inputs* the test
 from __future__ import annotations
 
 import importlib
+import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 #: (rel_rms, max_abs) bounds of math.md §5.3, by what is being compared.
 TOLERANCE = {
@@ -101,6 +101,11 @@ def mixer(name: str):
     return importlib.import_module(f"lecture_kit.{name}")
 
 
+def spec(name: str):
+    """The ``SPEC`` of a mixer by name (``lecture_kit/_spec.py``)."""
+    return mixer(name).SPEC
+
+
 def random_inputs(name: str, *, batch=2, length=64, heads=2, key_dim=16, value_dim=16, groups=None,
                   gate="weak", decay=None, dtype=torch.float64, initial_state=False, seed=0, device="cpu"):
     """Seeded random inputs for one mixer, in its positional order, plus its keyword arguments.
@@ -113,78 +118,129 @@ def random_inputs(name: str, *, batch=2, length=64, heads=2, key_dim=16, value_d
     rescaled so that their mean magnitude per token is ``decay``, i.e. mean |ℓ_t| = decay with
     ℓ = Δ·A for SSD (A is rescaled, Δ kept), log γ for RetNet, g for GLA and w for RWKV-7.  The
     shape of the draw (which heads or channels forget faster) is that of ``gate``.
-    Gates and decays are made in fp32 and stay fp32 for half-precision inputs, as in the layers.
+    What is drawn is each mixer's ``SPEC.sample``; the activations are cast to ``dtype``, the
+    decays, gates and parameters to fp32 (fp64 for fp64), as in the layers, following the spec.
     """
     if gate not in ("weak", "strong"):
         raise ValueError(f"gate must be 'weak' or 'strong', got {gate!r}")
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0):
         raise ValueError(f"decay must be a float > 0 (mean |log-decay| per token), got {decay!r}")
+    s = spec(name)
+    if groups is not None and "G" not in " ".join(a.dims for a in s.inputs).split():
+        raise ValueError(f"groups is SSD's G; {name} has no groups, got groups={groups!r}")
+    size = {"B": batch, "T": length, "H": heads, "G": 1 if groups is None else groups,
+            s.key_dim: key_dim, s.value_dim: value_dim}
     g = torch.Generator().manual_seed(seed)
-    B, T, H, K, V = batch, length, heads, key_dim, value_dim
-    randn = lambda *s: torch.randn(*s, generator=g)
-    rand = lambda *s: torch.rand(*s, generator=g)
-    act = lambda t: t.to(device=device, dtype=dtype)                  # activations: the tested dtype
+    drawn, drawn_kw = s.sample(g, size, gate)
     gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    par = lambda t: t.to(device=device, dtype=gate_dtype)             # gates/decays: fp32 (fp64)
-    kwargs = {}
-    if name == "ssd":
-        G = 1 if groups is None else groups
-        # Mamba-2's init: Δ log-uniform in [1e-3, 1e-1], A = −U[1, 16]; "strong" takes Δ in [0.5, 2]
-        dt = torch.exp(torch.empty(B, T, H).uniform_(*(torch.log(torch.tensor([1e-3, 1e-1])).tolist()), generator=g)) \
-            if gate == "weak" else 0.5 + 1.5 * rand(B, T, H)
-        A = -(1 + 15 * rand(H))
-        args = (act(randn(B, T, H, V)), par(dt), par(A), act(randn(B, T, G, K)), act(randn(B, T, G, K)))
-        kwargs["D"] = par(randn(H))
-        state_shape = (B, H, V, K)
-    elif name == "retnet":
-        h = torch.arange(H, dtype=torch.float64)
-        log_gamma = torch.log1p(-2.0 ** (-5 - h)) if gate == "weak" else torch.log1p(-2.0 ** (-1 - h))
-        args = (act(randn(B, T, H, K)), act(randn(B, T, H, K)), act(randn(B, T, H, V)), par(log_gamma))
-        state_shape = (B, H, K, V)
-    elif name == "gla":
-        normaliser = 16.0 if gate == "weak" else 0.1                 # the GLA layer uses 16
-        gk = F.logsigmoid(randn(B, T, H, K)) / normaliser
-        args = (act(randn(B, T, H, K)), act(randn(B, T, H, K)), act(randn(B, T, H, V)), par(gk))
-        state_shape = (B, H, K, V)
-    elif name == "rwkv7":
-        # the layer's bounded decay −e^{−1/2}·σ(·), or unbounded strong decays down to about −20
-        w = -0.6065306597126334 * torch.sigmoid(randn(B, T, H, K)) if gate == "weak" \
-            else -torch.exp(randn(B, T, H, K) + 1.0)
-        kappa = F.normalize(randn(B, T, H, K), dim=-1)              # removal key, unit norm per head
-        a_icl = torch.sigmoid(randn(B, T, H, K))                    # in-context learning rate
-        args = (act(randn(B, T, H, K)), par(w), act(randn(B, T, H, K) / K ** 0.5), act(randn(B, T, H, V)),
-                act(-kappa), act(kappa * a_icl))
-        state_shape = (B, H, K, V)
-    else:
-        raise ValueError(f"name must be one of {MIXERS}, got {name!r}")
+
+    def cast(arg, t):       # activations: the tested dtype; decays, gates, parameters: fp32 (fp64)
+        return t.to(device=device, dtype=dtype if arg.activation else gate_dtype)
+
+    args = tuple(cast(arg, t) for arg, t in zip(s.inputs, drawn))
+    kwargs = {n: cast(s.arg(n), t) for n, t in drawn_kw.items()}
     if decay is not None:
-        args = _with_mean_log_decay(name, args, decay)
+        args = _with_mean_log_decay(s, args, decay)
     if initial_state:
-        kwargs["initial_state"] = randn(*state_shape).to(device=device, dtype=gate_dtype)
+        state = torch.randn(*(size[d] for d in s.state.dims.split()), generator=g)
+        kwargs["initial_state"] = state.to(device=device, dtype=gate_dtype)
     return args, kwargs
 
 
-#: Position of the log-decay parameter among each mixer's positional inputs (SSD: A, with ℓ = Δ·A).
-DECAY_POSITION = {"ssd": 2, "retnet": 3, "gla": 3, "rwkv7": 1}
+def _position(s, name: str) -> int:
+    return [a.name for a in s.inputs].index(name)
 
 
-def _with_mean_log_decay(name: str, args: tuple, decay: float) -> tuple:
+def _with_mean_log_decay(s, args: tuple, decay: float) -> tuple:
     """Rescale the decay argument so that the mean |log-decay| per token is ``decay``."""
-    i = DECAY_POSITION[name]
-    log_decay = args[1] * args[2] if name == "ssd" else args[i]
-    rescaled = args[i] * (decay / log_decay.abs().mean())
-    return args[:i] + (rescaled,) + args[i + 1:]
+    log_decay = math.prod(args[_position(s, n)] for n in s.log_decay)
+    i = _position(s, s.decay)
+    return args[:i] + (args[i] * (decay / log_decay.abs().mean()),) + args[i + 1:]
 
 
-#: Position of the values (what ``matrix`` multiplies) among each mixer's positional inputs.
-VALUES_POSITION = {"ssd": 0, "retnet": 2, "gla": 2, "rwkv7": 3}
+def with_log_decay(name: str, args: tuple, value: float, token: int) -> tuple:
+    """The inputs ``args`` with some log-decays set to ``value``: a reset of the state for −inf, a
+    single steep step for a large negative number (the edge cases of ``exp`` and of cumulative
+    sums).  Where the decay is per token (GLA's g, RWKV-7's w), token ``token`` of head 0 gets it
+    in every other channel; where it is per head, head 0 gets it at every token (RetNet's
+    log γ), or, for SSD (ℓ = Δ·A), token ``token`` of head 0 through its Δ when ``value`` is finite,
+    and every token of head 0 through A = −inf otherwise, with Δ = 0 at ``token`` (a skipped
+    token)."""
+    s = spec(name)
+    i = _position(s, s.decay)
+    args = [a.clone() for a in args]
+    dims = s.arg(s.decay).dims.split()
+    if "T" in dims:
+        args[i][:, token, 0, ::2] = value
+    elif len(s.log_decay) == 1:
+        args[i][0] = value
+    else:
+        step = _position(s, s.log_decay[0])
+        if math.isinf(value):
+            args[i][0] = value
+            args[step][:, token, 0] = 0.0
+        else:
+            args[step][:, token, 0] = value / args[i][0]
+    return tuple(args)
 
 
 def values_of(name: str, args):
     """The argument that ``matrix`` multiplies: x for SSD, v for the others."""
-    return args[VALUES_POSITION[name]]
+    return args[_position(spec(name), spec(name).values)]
 
 
 def matrix_args(name: str, args):
     """The positional arguments of ``matrix``: the mixer's inputs without the values."""
-    return tuple(a for i, a in enumerate(args) if i != VALUES_POSITION[name])
+    i = _position(spec(name), spec(name).values)
+    return tuple(args[:i]) + tuple(args[i + 1:])
+
+
+def assert_close(what: str, actual: torch.Tensor, reference: torch.Tensor, bounds) -> Errors:
+    """Assert ``errors(actual, reference)`` within ``bounds`` = (rel_rms, max_abs) or a ``TOLERANCE``
+    key, silently (``check`` is the printing version, for notebooks); return the errors."""
+    bounds = TOLERANCE[bounds] if isinstance(bounds, str) else bounds
+    e = errors(actual, reference)
+    assert e.within(bounds), f"{what}: rel RMS {e.rel_rms:.2e}, max {e.max_abs:.2e} > {tuple(bounds)}"
+    return e
+
+
+def check_gradients(form, reference, args, kwargs=None, *, bounds, names=None, use_output=True,
+                    use_final_state=True, seed=8) -> None:
+    """The gradients of ``form`` against those of ``reference`` run in fp64 on the same inputs.
+
+    Both are called as ``fn(*args, **kwargs, output_final_state=use_final_state)`` and return
+    (output, final state).  The loss is L = ⟨dO, o⟩ + ⟨dS, S_T⟩ with seeded random cotangents (either
+    term may be left out); its gradient is taken with respect to every tensor in ``args`` and in
+    ``kwargs`` (``names`` labels them in a failure, in that order).  Each gradient must have its
+    input's shape and dtype, be finite and lie within ``bounds`` of the reference's; a gradient the
+    reference finds unused must be zero.
+    """
+    kwargs = kwargs or {}
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    kw_leaves = {k: v.detach().clone().requires_grad_() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    options = {k: v for k, v in kwargs.items() if k not in kw_leaves}
+    inputs = leaves + list(kw_leaves.values())
+    names = names or [f"args[{i}]" for i in range(len(leaves))] + list(kw_leaves)
+    o, S = form(*leaves, **kw_leaves, **options, output_final_state=use_final_state)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref_o, ref_S = reference(*ref_inputs[:len(leaves)], **dict(zip(kw_leaves, ref_inputs[len(leaves):])),
+                             **options, output_final_state=True)
+    dS = torch.randn(ref_S.shape, generator=gen, dtype=torch.float64)
+    outs, seeds = ([o], [do]) if use_output else ([], [])
+    ref_outs, ref_seeds = ([ref_o], [do]) if use_output else ([], [])
+    if use_final_state:
+        outs, seeds, ref_outs, ref_seeds = outs + [S], seeds + [dS], ref_outs + [ref_S], ref_seeds + [dS]
+    seeds = [x.to(device=y.device, dtype=y.dtype) for x, y in zip(seeds, outs)]
+    grads = torch.autograd.grad(outs, inputs, seeds, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [x.to(y.device) for x, y in zip(ref_seeds, ref_outs)],
+                                    allow_unused=True)
+    for name, x, gx, ref_gx in zip(names, inputs, grads, ref_grads):
+        if ref_gx is None:
+            assert gx is None or not gx.any(), f"d{name} should be zero"
+            continue
+        assert gx is not None, f"d{name} is missing"
+        assert gx.shape == x.shape and gx.dtype == x.dtype, f"d{name}: {gx.dtype} {tuple(gx.shape)}"
+        assert torch.isfinite(gx).all(), f"d{name} is not finite"
+        assert_close(f"d{name}", gx, ref_gx, bounds)

@@ -231,12 +231,12 @@ def test_unsupported_input_raises_value_error():
         with pytest.raises(ValueError, match=match):
             rwkv7_chunked(*xs, **kws)
 
-    raises("fp64", *(x.double() for x in args))                                    # fp64: use the PyTorch forms
+    raises("float64", *(x.double() for x in args))                                 # fp64: use the PyTorch forms
     raises("power of two", r[..., :12], w[..., :12], k[..., :12], v, a[..., :12], b[..., :12])   # K = 12
-    raises("V", r, w, k, v[..., :8], a, b)                                         # V = 8
+    raises("V = 8", r, w, k, v[..., :8], a, b)
     raises("chunk_size", *args, chunk_size=8)
     raises("w must have shape", r, w[:, :4], k, v, a, b)
-    raises("k must have r's dtype", r, w, k.half(), v, a, b)
-    raises("w is the log decay", r, -w, k, v, a, b)                               # positive log decays
-    raises("initial_state must be", *args, initial_state=kw["initial_state"][..., :8])
-    raises("4-d", r[0], w, k, v, a, b)
+    raises("k has dtype", r, w, k.half(), v, a, b)
+    raises("w is a log-decay", r, -w, k, v, a, b)                                 # positive log decays
+    raises("initial_state must have shape", *args, initial_state=kw["initial_state"][..., :8])
+    raises("4 dims", r[0], w, k, v, a, b)

@@ -168,9 +168,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hardware import check_kernel_dtype
-from .._validate import value_checks_enabled
-
 __all__ = ["rwkv7_chunked"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -673,61 +670,21 @@ def _rwkv7_chunk_grad_kernel(
 # --------------------------------------------------------------------------------------------------
 # Host side: checks, launch, autograd
 # --------------------------------------------------------------------------------------------------
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CHUNK_SIZES = (16, 32, 64)
 
 
-def _check_inputs(r, w, k, v, a, b, initial_state, chunk_size):
-    """Raise ValueError, naming the argument, for anything the kernels do not support."""
-    for name, x in (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"rwkv7_chunked: {name} must be a 4-d tensor "
-                             f"[B, T, H, {'V' if name == 'v' else 'K'}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    for name, x in (("w", w), ("k", k), ("a", a), ("b", b)):
-        if x.shape != r.shape:
-            raise ValueError(f"rwkv7_chunked: {name} must have shape [B, T, H, K] = {tuple(r.shape)} "
-                             f"like r, got {tuple(x.shape)}")
-    if v.shape[:3] != r.shape[:3]:
-        raise ValueError(f"rwkv7_chunked: v must have shape [B, T, H, V] = [{B}, {T}, {H}, V], "
-                         f"got {tuple(v.shape)}")
-    if T < 1 or B < 1 or H < 1:
-        raise ValueError(f"rwkv7_chunked: B, T, H must be ≥ 1, got r of shape {tuple(r.shape)}")
-    for name, n in (("K (last dim of r, w, k, a, b)", K), ("V (last dim of v)", V)):
-        if n < 16 or n > 256 or n & (n - 1):
-            raise ValueError(f"rwkv7_chunked: {name} must be a power of two in 16..256, got {n}")
-    dtype = r.dtype
-    if dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"rwkv7_chunked: r must be bf16, fp16 or fp32, got {dtype} "
-                         "(fp64: use the PyTorch forms in lecture_kit.rwkv7)")
-    for name, x in (("k", k), ("v", v), ("a", a), ("b", b)):
-        if x.dtype != dtype:
-            raise ValueError(f"rwkv7_chunked: {name} must have r's dtype {dtype}, got {x.dtype}")
-    if w.dtype not in (dtype, torch.float32):
-        raise ValueError(f"rwkv7_chunked: w must have r's dtype {dtype} or fp32, got {w.dtype}")
-    for name, x in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
-        if x.device != r.device:
-            raise ValueError(f"rwkv7_chunked: {name} is on {x.device}, r on {r.device}")
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, K, V):
-            raise ValueError(f"rwkv7_chunked: initial_state must be [B, H, K, V] = {(B, H, K, V)}, got "
-                             f"{tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else initial_state}")
-        if initial_state.device != r.device:
-            raise ValueError(f"rwkv7_chunked: initial_state is on {initial_state.device}, r on {r.device}")
-        if not initial_state.is_floating_point() or initial_state.dtype == torch.float64:
-            raise ValueError(f"rwkv7_chunked: initial_state must be fp32 (or bf16/fp16, promoted), "
-                             f"got {initial_state.dtype}")
-    if chunk_size not in _CHUNK_SIZES or chunk_size * K > 4096:
-        raise ValueError(f"rwkv7_chunked: chunk_size must be one of {_CHUNK_SIZES} with chunk_size·K ≤ 4096 "
-                         f"(16 for any K, 32 for K ≤ 128, 64 for K ≤ 64), got chunk_size={chunk_size}, K={K}")
-    if r.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError("rwkv7_chunked: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
-                         "before triton is imported (importing lecture_kit first does this without CUDA)")
-    if value_checks_enabled() and not bool((w <= 0).all()):   # a reduction and a device sync; NaN fails
-        raise ValueError("rwkv7_chunked: w is the log decay and must be ≤ 0 everywhere, "
-                         f"got max(w) = {w.max().item():.4g}")
+def _check_kernel(sig, chunk_size):
+    """What this kernel adds to the checks of ``rwkv7.SPEC`` (done by ``rwkv7.kernel``, or here for a
+    direct call): dtypes, head and chunk sizes, the device.  Returns the chunk size as an int."""
+    sig.kernel_dtype()
+    K = sig.kernel_head_size("K")
+    sig.kernel_head_size("V", zero_ok=True)
+    C = sig.kernel_chunk_size(chunk_size, _CHUNK_SIZES)
+    if C * K > 4096:
+        raise sig.error(f"chunk_size = {C} is too large for K = {K} in the Triton kernel: chunk_size·K "
+                        f"must be ≤ 4096 (16 for any K, 32 for K ≤ 128, 64 for K ≤ 64)")
+    sig.kernel_device(_INTERPRETED)
+    return C
 
 
 def _dot_precision(x):
@@ -865,26 +822,42 @@ class _RWKV7Chunked(torch.autograd.Function):
 
 
 def rwkv7_chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False,
-                  chunk_size=16):
+                  chunk_size=16, checked=None):
     """RWKV-7 generalised delta rule, chunkwise Triton kernel (see the module docstring for the math).
 
     Args:
-        r, w, k, a, b: [B, T, H, K] — receptance (query), log decay w ≤ 0 (may be fp32), key, and the
-            two vectors of the rank-1 transition term b aᵀ (RWKV-7: a = −κ̂, b = κ̂ ⊙ a_icl).
+        r, w, k, a, b: [B, T, H, K] — receptance (query), log decay w ≤ 0 (any float dtype: used in
+            r's dtype or fp32), key, and the two vectors of the rank-1 transition term b aᵀ (RWKV-7:
+            a = −κ̂, b = κ̂ ⊙ a_icl).
         v: [B, T, H, V].
         scale: multiplies the output (RWKV-7 uses 1.0).
-        initial_state: None or [B, H, K, V] fp32 (fla layout: S ∈ R^{K×V}).
+        initial_state: None or [B, H, K, V], any float dtype, used in fp32 (fla layout: S ∈ R^{K×V}).
         output_final_state: also return S_T.
         chunk_size: 16 (default), 32 or 64.
+        checked: the ``Signature`` of ``rwkv7.kernel``, which has checked the arguments against
+            ``rwkv7.SPEC``; None (a direct call) checks them here.
 
     Returns:
-        (o [B, T, H, V] in v.dtype, final state [B, H, K, V] fp32 or None).
+        (o [B, T, H, V] in v.dtype, final state [B, H, K, V] fp32 or None); B, H or V = 0 give
+        empty results.
 
     Differentiable in r, w, k, v, a, b and initial_state, with Triton backward kernels (module
     docstring).
     """
-    _check_inputs(r, w, k, v, a, b, initial_state, chunk_size)
-    check_kernel_dtype("rwkv7_chunked", "r", r)
+    if checked is None:
+        from ..rwkv7 import SPEC
+        call = SPEC.check("kernel", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, chunk_size=chunk_size)
+        checked, scale = call.sig, call.scale
+    chunk_size = _check_kernel(checked, chunk_size)
+    if v.numel() == 0:              # B, H or V is 0 (T, K ≥ 1): nothing to compute
+        B, _, H, K = r.shape
+        final = v.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
+        return v * 0, final
+    if w.dtype not in (r.dtype, torch.float32):
+        w = w.float()               # the kernel reads w in r's dtype or fp32; autograd casts dw back
+    if initial_state is not None:
+        initial_state = initial_state.float()
     o, S = _RWKV7Chunked.apply(r, w, k, v, a, b, initial_state, float(scale), bool(output_final_state),
-                               int(chunk_size))
+                               chunk_size)
     return o, (S if output_final_state else None)

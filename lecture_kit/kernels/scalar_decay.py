@@ -90,7 +90,6 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .._validate import Signature  # noqa: E402
-from ..hardware import check_kernel_dtype  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETED)       # the same flag, readable inside the kernels
@@ -610,8 +609,28 @@ class _ScalarDecayChunked(torch.autograd.Function):
 _CHUNK_SIZES = (16, 32, 64, 128)
 
 
+def _check(q, k, v, log_decay, dt, scale, D, initial_state, output_final_state):
+    """The checks of a direct call, in this function's words (``ssd.kernel`` and ``retnet.kernel``
+    check theirs against their specs and pass the result as ``checked``)."""
+    sig = Signature("scalar_decay_chunked")
+    sig.tensor("q", q, "B T G K")
+    sig.tensor("k", k, "B T G K")
+    sig.tensor("v", v, "B T H V")
+    sig.tensor("log_decay", log_decay, "H", same_dtype=False)
+    sig.optional("dt", dt, "B T H", same_dtype=False)
+    sig.one_of("D", D, "H", "H V")
+    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
+    sig.at_least_one("T")
+    sig.at_least_one("K")
+    sig.groups_divide("G", "H")
+    sig.scalar("scale", scale)
+    sig.flag("output_final_state", output_final_state)
+    sig.values([("log_decay", log_decay, "<= 0")] + ([] if dt is None else [("dt", dt, ">= 0")]))
+    return sig
+
+
 def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
-                         initial_state=None, output_final_state=False, chunk_size=64):
+                         initial_state=None, output_final_state=False, chunk_size=64, checked=None):
     """Chunkwise scalar-decay linear attention in Triton (module docstring: the math and the grid).
 
     Shapes: q, k [B, T, G, K] (G divides H; head h reads group h // (H/G)); v [B, T, H, V];
@@ -625,45 +644,26 @@ def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
 
     Inputs bf16, fp16 or fp32 (q, k, v in one dtype; dt, log_decay, D, initial_state any float
     dtype, used in fp32).  K and V must be powers of two in 16 … 256; chunk_size one of 16, 32, 64,
-    128; T ≥ 1 (any length).  Differentiable in q, k, v, log_decay, dt, D and initial_state, with
-    Triton backward kernels.
+    128; T ≥ 1 (any length); B, H or V = 0 give empty results.  Differentiable in q, k, v,
+    log_decay, dt, D and initial_state, with Triton backward kernels.
+
+    ``checked``: the ``Signature`` with which ``ssd.kernel`` or ``retnet.kernel`` has checked these
+    arguments against its spec; then only what this kernel adds is checked here (dtypes, head and
+    chunk sizes, the device), in the caller's words (x, B, C, A, N, P for SSD).  None: a direct
+    call, checked in full here.
     """
-    sig = Signature("scalar_decay_chunked")
-    sig.tensor("q", q, "B T G K")
-    sig.tensor("k", k, "B T G K")
-    sig.tensor("v", v, "B T H V")
-    sig.tensor("log_decay", log_decay, "H", same_dtype=False)
-    sig.optional("dt", dt, "B T H", same_dtype=False)
-    sig.one_of("D", D, "H", "H V")
-    sig.optional("initial_state", initial_state, "B H K V", same_dtype=False)
-    sig.at_least_one("T")
-    s = sig.sizes
-    if s["G"] < 1 or s["H"] % s["G"]:
-        raise sig.error(f"the number of groups G = {s['G']} (q, k [B, T, G, K]) must divide "
-                        f"the number of heads H = {s['H']} (v [B, T, H, V])")
-    for name in ("K", "V"):
-        size = s[name]
-        if size < 16 or size > 256 or size & (size - 1):
-            raise sig.error(f"{name} = {size} is not supported by the Triton kernel: it must be a power "
-                            f"of two in 16 … 256 (use the PyTorch forms in ssd.py / retnet.py otherwise)")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise sig.error(f"q, k, v have dtype {q.dtype}; the Triton kernel takes float16, bfloat16 or "
-                        f"float32 (fp64 runs through the PyTorch forms in ssd.py / retnet.py)")
-    check_kernel_dtype("scalar_decay_chunked", "q", q)
-    if chunk_size not in _CHUNK_SIZES:
-        raise sig.error(f"chunk_size must be one of {_CHUNK_SIZES}, got {chunk_size!r}")
-    scale = sig.scalar("scale", scale)
-    T, H, K, V = s["T"], s["H"], s["K"], s["V"]
-    if T * H * max(K, V) >= 2**31 or triton.cdiv(T, chunk_size) * K * V >= 2**31:
-        raise sig.error(f"T = {T} is too long for one call: offsets inside one batch element must fit "
-                        f"in int32 (T·H·max(K, V) and (T/chunk_size)·K·V < 2^31); split the sequence "
-                        f"and pass the state along with initial_state")
-    if q.device.type != "cuda" and not INTERPRETED:
-        raise sig.error(f"the inputs are on {q.device}: the Triton kernel needs a CUDA device, or "
-                        f"TRITON_INTERPRET=1 set before triton is imported (importing lecture_kit does it)")
-    sig.nonpositive("log_decay", log_decay)
-    if dt is not None:
-        sig.nonnegative("dt", dt)
+    sig = _check(q, k, v, log_decay, dt, scale, D, initial_state, output_final_state) \
+        if checked is None else checked
+    scale = float(scale)
+    sig.kernel_dtype()
+    K, V = sig.kernel_head_size("K"), sig.kernel_head_size("V", zero_ok=True)
+    chunk_size = sig.kernel_chunk_size(chunk_size, _CHUNK_SIZES)
+    T, H = sig.size("T"), sig.size("H")
+    sig.kernel_offsets(max(T * H * max(K, V), triton.cdiv(T, chunk_size) * K * V))
+    sig.kernel_device(INTERPRETED)
+    if v.numel() == 0:              # B, H or V is 0 (T, K ≥ 1): nothing to compute
+        final = v.new_zeros(v.shape[0], H, K, V, dtype=torch.float32) if output_final_state else None
+        return v * 0, final
 
     if D is not None:
         D = D if D.dim() == 2 else D[:, None].expand(H, V)
