@@ -163,9 +163,9 @@ def with_log_decay(name: str, args: tuple, value: float, token: int) -> tuple:
     single steep step for a large negative number (the edge cases of ``exp`` and of cumulative
     sums).  Where the decay is per token (GLA's g, RWKV-7's w), token ``token`` of head 0 gets it
     in every other channel; where it is per head, head 0 gets it at every token (RetNet's
-    log γ), or, for SSD (ℓ = Δ·A), token ``token`` of head 0 through its Δ when ``value`` is finite,
-    and every token of head 0 through A = −inf otherwise, with Δ = 0 at ``token`` (a skipped
-    token)."""
+    log γ), or, for SSD (ℓ = Δ·A), token ``token`` of head 0 through its Δ when ``value`` is finite
+    (its x divided by the new Δ, so that the input Δ x keeps its size), and every token of head 0
+    through A = −inf otherwise, with Δ = 0 at ``token`` (a skipped token)."""
     s = spec(name)
     i = _position(s, s.decay)
     args = [a.clone() for a in args]
@@ -181,6 +181,8 @@ def with_log_decay(name: str, args: tuple, value: float, token: int) -> tuple:
             args[step][:, token, 0] = 0.0
         else:
             args[step][:, token, 0] = value / args[i][0]
+            values = _position(s, s.values)
+            args[values][:, token, 0] /= args[step][:, token, 0, None]
     return tuple(args)
 
 

@@ -1,97 +1,252 @@
-"""Bad input raises ValueError naming the argument, in every public form of every mixer."""
+"""Every input of every form of every mixer is computed right or refused with a ValueError naming it.
+
+Parametrised from each mixer's ``SPEC`` (lecture_kit/_spec.py): its arguments, their shapes, which
+are decays and their signs, its defaults.  ``kernel`` is one of the forms: on a CPU it runs through
+Triton's interpreter, so the inputs are tiny (T = 9, K = V = 16) and fp32, and most calls here are
+refused before any launch.  Classes of input covered: wrong type, rank, size, dtype and device of each
+tensor; a non-tensor first argument with everything after it wrong too; decays of the wrong sign,
+NaN or inf (and the same accepted when value checks are off); chunk sizes of every integer type and
+of none; scale (finite numbers only, never a tensor); output_final_state; empty batches, no heads and
+no value channels (computed, empty); T = 0 and K = 0 (refused); gates and states in another float
+dtype than the activations (accepted by every form); and SSD's groups and skip weight.
+"""
+import inspect
+import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from lecture_kit.testing import matrix_args, mixer, random_inputs
+from lecture_kit._spec import FORMS
+from lecture_kit._validate import set_value_checks
+from lecture_kit.hardware import HAS_TRITON
+from lecture_kit.testing import MIXERS, assert_close, matrix_args, mixer, random_inputs, spec, to_reference
 
-ARG_NAMES = {"ssd": ["x", "dt", "A", "B", "C"], "retnet": ["q", "k", "v", "log_gamma"],
-             "gla": ["q", "k", "v", "g"], "rwkv7": ["r", "w", "k", "v", "a", "b"]}
-DECAY = {"ssd": "A", "retnet": "log_gamma", "gla": "g", "rwkv7": "w"}
-FORMS = ["recurrent", "parallel", "chunked", "matrix"]
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot be imported")
+SIZES = dict(length=9, heads=2, key_dim=16, value_dim=16)
 
 
-def call(name, form, args, kw):
-    m = mixer(name)
+def inputs(name, *, batch=2, dtype=torch.float32, **sizes):
+    """Small valid inputs, with an initial state (and SSD with two groups of B and C)."""
+    return random_inputs(name, batch=batch, dtype=dtype, initial_state=True,
+                         groups=2 if name == "ssd" and sizes.get("heads", 2) else None,
+                         **{**SIZES, **sizes})
+
+
+def call(name, form, args, kw, **options):
+    """``form`` of mixer ``name`` on (args, kw), with the keywords it does not take dropped."""
+    params = spec(name).parameters(form)
+    kw = {k: v for k, v in {**kw, **options}.items() if k in params}
     if form == "matrix":
-        kw = {k: v for k, v in kw.items() if k not in ("D", "initial_state")}
-        return m.matrix(*matrix_args(name, args), **kw)
-    return getattr(m, form)(*args, **kw)
-
-
-def names_of(name, form):
-    names = ARG_NAMES[name]
-    return matrix_args(name, names) if form == "matrix" else names
+        return mixer(name).matrix(*matrix_args(name, args), **kw)
+    return getattr(mixer(name), form)(*args, **kw)
 
 
 def raises_naming(arg, fn):
-    with pytest.raises(ValueError, match=rf"(?<![\w]){re.escape(arg)}(?![\w])"):
+    """``fn()`` raises a ValueError whose message, after the function's name, is about ``arg``."""
+    with pytest.raises(ValueError, match=rf"^\w+\.?\w*: (the number of groups )?{re.escape(arg)}(?![\w])"):
         fn()
 
 
-def inputs(name):
-    return random_inputs(name, batch=2, length=9, heads=2, key_dim=4, value_dim=3,
-                         initial_state=True, groups=2 if name == "ssd" else None)
+def tensor_args(name, form):
+    """The tensor arguments ``form`` takes: (name, index among the positional inputs or None)."""
+    s = spec(name)
+    positional = [(a.name, i) for i, a in enumerate(s.inputs) if a in s.positional(form)]
+    return positional + ([(a.name, None) for a in s.keywords] if form != "matrix" else [])
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", list(ARG_NAMES))
-def test_wrong_rank_size_dtype_and_device_name_the_argument(name, form):
+def replaced(args, kw, arg, index, value):
+    """(args, kw) with the tensor argument ``arg`` replaced by ``value``."""
+    if index is None:
+        return args, {**kw, arg: value}
+    return args[:index] + (value,) + args[index + 1:], kw
+
+
+def cases(rows):
+    """pytest parameters from rows (mixer, form, ...): ids from the rows, the kernel's skipped where
+    Triton cannot be imported."""
+    return [pytest.param(*row, id="-".join(str(x).removeprefix("torch.") for x in row if x is not None),
+                         marks=NEEDS_TRITON if row[1] == "kernel" else ()) for row in rows]
+
+
+CASES = cases((n, f) for n in MIXERS for f in FORMS)
+ARG_CASES = cases((n, f, a, i) for n in MIXERS for f in FORMS for a, i in tensor_args(n, f))
+
+
+@pytest.mark.parametrize("name,form", CASES)
+def test_the_signature_is_the_specs(name, form):
+    """Each form's parameters, their order, kinds and defaults are the spec's."""
+    s, fn = spec(name), getattr(mixer(name), form)
+    params = inspect.signature(fn).parameters
+    assert list(params) == s.parameters(form)
+    positional = [a.name for a in s.positional(form)]
+    assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
+    assert {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == s.defaults(form)
+
+
+@pytest.mark.parametrize("name,form,arg,index", ARG_CASES)
+def test_wrong_type_rank_dtype_size_and_device_name_the_argument(name, form, arg, index):
     args, kw = inputs(name)
-    arg_names = ARG_NAMES[name]
-    for i, arg in enumerate(arg_names):
-        if arg not in names_of(name, form):
-            continue
-        t = args[i]
-        for bad in (t[0],                                                       # one dim too few
-                    t.to(torch.int64),                                          # not floating point
-                    t.to("meta"),                                               # another device
-                    t.tolist()):                                                # not a tensor
-            raises_naming(arg, lambda: call(name, form, args[:i] + (bad,) + args[i + 1:], kw))
-        if i > 0:                                                               # disagrees with arg 0 on B (or H)
-            grown = torch.cat([t, t[:1]], dim=0)
-            raises_naming(arg, lambda: call(name, form, args[:i] + (grown,) + args[i + 1:], kw))
+    t = args[index] if index is not None else kw[arg]
+    bad_values = [t[0], t.to(torch.int64), t.to(torch.complex64), t.tolist()]
+    if arg != spec(name).positional(form)[0].name:     # (the first one binds the sizes and the device)
+        bad_values += [torch.cat([t, t[:1]], dim=0), t.to("meta")]     # disagrees on its first dim
+    for bad in bad_values:
+        bad_args, bad_kw = replaced(args, kw, arg, index, bad)
+        raises_naming(arg, lambda: call(name, form, bad_args, bad_kw))
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", list(ARG_NAMES))
-def test_positive_log_decay_is_rejected(name, form):
+@pytest.mark.parametrize("name,form", CASES)
+def test_a_non_tensor_first_argument_is_named_before_anything_else(name, form):
+    """Every other argument is wrong too (None): the first one is the one reported, so nothing ran
+    before it was checked (retnet.kernel used to read ``q.shape`` first)."""
     args, kw = inputs(name)
-    i = ARG_NAMES[name].index(DECAY[name])
-    bad = args[i].abs() + 0.1
-    raises_naming(DECAY[name], lambda: call(name, form, args[:i] + (bad,) + args[i + 1:], kw))
-    nan = args[i].clone().fill_(float("nan"))
-    raises_naming(DECAY[name], lambda: call(name, form, args[:i] + (nan,) + args[i + 1:], kw))
+    first = spec(name).positional(form)[0].name
+    raises_naming(first, lambda: call(name, form, ([1.0, 2.0],) + (None,) * (len(args) - 1), kw))
 
 
-@pytest.mark.parametrize("form", ["recurrent", "parallel", "chunked"])
-@pytest.mark.parametrize("name", list(ARG_NAMES))
-def test_bad_initial_state_activation_dtype_and_length(name, form):
+@pytest.mark.parametrize("name,form,arg", cases((n, f, a.name) for n in MIXERS for f in FORMS
+                                                 for a in spec(n).inputs if a.sign))
+def test_decays_of_the_wrong_sign_nan_or_inf_are_refused_unless_value_checks_are_off(name, form, arg):
     args, kw = inputs(name)
-    raises_naming("initial_state", lambda: call(name, form, args, {**kw, "initial_state": kw["initial_state"][..., :-1]}))
-    # activations (not gates) must share one dtype: try C for SSD, k for the others
-    i = ARG_NAMES[name].index("C" if name == "ssd" else "k")
-    raises_naming(ARG_NAMES[name][i], lambda: call(name, form, args[:i] + (args[i].float(),) + args[i + 1:], kw))
-    empty = tuple(a[:, :0] if a.dim() >= 3 else a for a in args)
-    raises_naming("T", lambda: call(name, form, empty, {k: v for k, v in kw.items() if k != "initial_state"}))
+    i = [a.name for a in spec(name).inputs].index(arg)
+    rule = spec(name).arg(arg).sign
+    wrong = {"<= 0": [args[i].abs() + 0.1, torch.full_like(args[i], math.inf)],
+             "< 0": [torch.zeros_like(args[i]), args[i].abs()],
+             ">= 0": [-args[i], torch.full_like(args[i], math.inf)]}[rule]
+    wrong.append(args[i].clone().fill_(math.nan))
+    for bad in wrong:
+        raises_naming(arg, lambda: call(name, form, args[:i] + (bad,) + args[i + 1:], kw))
+    with set_value_checks(False):                                   # not checked: computed, whatever it gives
+        call(name, form, args[:i] + (wrong[0],) + args[i + 1:], kw)
 
 
-@pytest.mark.parametrize("name", list(ARG_NAMES))
-def test_bad_chunk_size_and_scale(name):
+def test_set_value_checks_takes_a_bool():
+    with pytest.raises(ValueError, match="enabled"):
+        set_value_checks(1)
+
+
+@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS for f in ("chunked", "kernel")))
+def test_chunk_sizes_of_any_integer_type_and_nothing_else(name, form):
     args, kw = inputs(name)
-    for bad in (0, -16, 2.5, "64", True):
-        raises_naming("chunk_size", lambda: mixer(name).chunked(*args, **kw, chunk_size=bad))
-    if name != "ssd":
-        raises_naming("scale", lambda: mixer(name).recurrent(*args, **kw, scale=torch.tensor(1.0)))
+    for bad in (0, -16, 2.5, 16.0, "16", True, np.bool_(True), torch.tensor(16.0), torch.tensor([16]),
+                torch.tensor(True), None):
+        raises_naming("chunk_size", lambda: call(name, form, args, kw, chunk_size=bad))
+    o, S = call(name, form, args, kw, chunk_size=16, output_final_state=True)
+    for same in (np.int64(16), np.int32(16), torch.tensor(16), torch.tensor(16, dtype=torch.int32)):
+        o2, S2 = call(name, form, args, kw, chunk_size=same, output_final_state=True)
+        assert torch.equal(o, o2) and torch.equal(S, S2)
 
 
-def test_ssd_specific_checks():
+@NEEDS_TRITON
+def test_kernel_chunk_sizes_are_the_kernels():
+    for name in MIXERS:
+        args, kw = inputs(name)
+        raises_naming("chunk_size", lambda: call(name, "kernel", args, kw, chunk_size=48))
+    args, kw = random_inputs("rwkv7", batch=1, length=9, heads=1, key_dim=128, value_dim=16, dtype=torch.float32)
+    raises_naming("chunk_size", lambda: call("rwkv7", "kernel", args, kw, chunk_size=64))   # 64·128 > 4096
+
+
+@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS if spec(n).scale is not None for f in FORMS))
+def test_scale_is_a_finite_number_never_a_tensor(name, form):
+    """rwkv7.kernel used to take a tensor scale and drop its gradient; NaN and inf scales ran."""
+    args, kw = inputs(name)
+    bad_scales = [math.nan, math.inf, -math.inf, np.float64(math.nan), torch.tensor(0.5),
+                  torch.tensor(0.5, requires_grad=True), "0.5", True]
+    if spec(name).scale != "K^-1/2":
+        bad_scales.append(None)                                     # None means K^-1/2 only where it says so
+    for bad in bad_scales:
+        raises_naming("scale", lambda: call(name, form, args, kw, scale=bad))
+    reference = call(name, form, args, kw, scale=0.5)
+    reference = reference[0] if isinstance(reference, tuple) else reference
+    for same in (np.float32(0.5), np.float64(0.5)):
+        got = call(name, form, args, kw, scale=same)
+        assert torch.equal(got[0] if isinstance(got, tuple) else got, reference)
+    if spec(name).scale == "K^-1/2":                                # the default is K^-1/2
+        default, explicit = call(name, form, args, kw, scale=None), call(name, form, args, kw, scale=16 ** -0.5)
+        assert torch.equal(default[0] if isinstance(default, tuple) else default,
+                           explicit[0] if isinstance(explicit, tuple) else explicit)
+
+
+@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS for f in FORMS if f != "matrix"))
+def test_output_final_state_is_a_bool(name, form):
+    args, kw = inputs(name)
+    for bad in ("yes", 1, None):
+        raises_naming("output_final_state", lambda: call(name, form, args, kw, output_final_state=bad))
+    assert call(name, form, args, kw, output_final_state=np.True_)[1] is not None
+
+
+@pytest.mark.parametrize("empty", ["batch", "heads", "value_dim"])
+@pytest.mark.parametrize("name,form", CASES)
+def test_an_empty_batch_no_heads_or_no_value_channels_give_empty_results(name, form, empty):
+    """B = 0, H = 0 or V = 0: nothing to compute, and results of the right shapes, as torch gives."""
+    args, kw = inputs(name, **{empty: 0})
+    s = spec(name)
+    size = {"B": 2, "T": 9, "H": 2, s.key_dim: 16, s.value_dim: 16}
+    size[{"batch": "B", "heads": "H", "value_dim": s.value_dim}[empty]] = 0
+    out = call(name, form, args, kw, output_final_state=True)
+    if form == "matrix":
+        assert out.shape == (size["B"], size["H"], 9, 9)
+        return
+    o, S = out
+    assert o.shape == (size["B"], 9, size["H"], size[s.value_dim]) and o.dtype == torch.float32
+    assert S.shape == tuple(size[d] for d in s.state.dims.split()) and S.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,form", CASES)
+def test_no_tokens_or_no_key_channels_are_refused(name, form):
+    args, kw = inputs(name)
+    empty_T = tuple(a[:, :0] if "T" in spec(name).inputs[i].dims.split() else a for i, a in enumerate(args))
+    raises_naming("T", lambda: call(name, form, empty_T, {k: v for k, v in kw.items() if k != "initial_state"}))
+    no_keys, kw0 = inputs(name, key_dim=0)
+    raises_naming(spec(name).key_dim, lambda: call(name, form, no_keys, kw0))
+
+
+@pytest.mark.parametrize("name,form,arg,index,dtype", cases(
+    (n, f, a, i, dtype) for n in MIXERS for f in FORMS for a, i in tensor_args(n, f)
+    if not spec(n).arg(a).activation for dtype in (torch.float64, torch.bfloat16)))
+def test_gates_parameters_and_states_in_any_float_dtype(name, form, arg, index, dtype):
+    """Decays, gates, parameters and states may have any float dtype beside fp32 activations, in every
+    form (rwkv7.kernel used to refuse a bf16 w and an fp64 initial state); the result is that of the
+    fp64 recurrence on the same rounded inputs."""
+    args, kw = inputs(name)
+    t = args[index] if index is not None else kw[arg]
+    args, kw = replaced(args, kw, arg, index, t.to(dtype))
+    out = call(name, form, args, kw, output_final_state=True)
+    ref_args, ref_kw = to_reference(args), to_reference(kw)
+    if form == "matrix":
+        ref = mixer(name).matrix(*matrix_args(name, ref_args))
+        assert out.dtype == torch.float32
+        assert_close("matrix", out, ref, "fp32")
+        return
+    ref = mixer(name).recurrent(*ref_args, **ref_kw, output_final_state=True)
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+    assert_close("output", out[0], ref[0], "fp32")
+    assert_close("final state", out[1], ref[1], "fp32")
+
+
+@pytest.mark.parametrize("name,form", cases(("ssd", f) for f in FORMS))
+def test_ssd_groups_and_skip_weight(name, form):
     args, kw = inputs("ssd")
     x, dt, A, B, C = args
-    m = mixer("ssd")
-    three_groups = torch.cat([B, B[:, :, :1]], dim=2)
-    raises_naming("G", lambda: m.recurrent(x, dt, A, three_groups, torch.cat([C, C[:, :, :1]], dim=2)))
-    raises_naming("dt", lambda: m.chunked(x, -dt, A, B, C))
-    raises_naming("D", lambda: m.parallel(x, dt, A, B, C, D=torch.ones(5, dtype=torch.float64)))
-    raises_naming("D", lambda: m.parallel(x, dt, A, B, C, D=torch.ones(2, 3, 1, dtype=torch.float64)))
+    three = lambda t: torch.cat([t, t[:, :, :1]], dim=2)           # noqa: E731  G = 3 for H = 2
+    raises_naming("G", lambda: call("ssd", form, (x, dt, A, three(B), three(C)), kw))
+    if form != "matrix":
+        raises_naming("D", lambda: call("ssd", form, args, {**kw, "D": torch.ones(5)}))
+        raises_naming("D", lambda: call("ssd", form, args, {**kw, "D": torch.ones(2, 16, 1)}))
+
+
+@NEEDS_TRITON
+def test_kernel_limits_name_the_callers_arguments():
+    """The kernel's own limits (dtype, head sizes) in the user's words: ssd.kernel speaks of x and N,
+    not of the shared kernel's v and K; retnet.kernel of log_gamma, not log_decay."""
+    args, kw = random_inputs("ssd", batch=1, length=9, heads=2, key_dim=12, value_dim=16)
+    with pytest.raises(ValueError, match=r"ssd\.kernel: x has dtype torch\.float64"):
+        call("ssd", "kernel", args, kw)
+    args, kw = random_inputs("ssd", batch=1, length=9, heads=2, key_dim=12, value_dim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"ssd\.kernel: N = 12 \(from B\)"):
+        call("ssd", "kernel", args, kw)
+    args, kw = random_inputs("retnet", batch=1, length=9, heads=2, key_dim=16, value_dim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"retnet\.kernel: log_gamma is a log-decay"):
+        call("retnet", "kernel", args[:3] + (-args[3],), kw)
