@@ -603,6 +603,79 @@ class _ScalarDecayChunked(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
+# The same forward and backward as PyTorch operators, for torch.compile
+# ------------------------------------------------------------------------------------------------
+#
+# torch.compile cannot trace into a Triton launch from Python (its autotuner and launcher are plain
+# Python objects), so under compilation the kernels run as two registered operators, opaque to the
+# compiler: a graph holding them compiles with fullgraph=True, and their gradient is the Triton
+# backward through ``register_autograd``.  Operators cannot return None, so an absent result is an
+# empty tensor.  Eager calls skip this layer (the dispatcher costs host time on every call).
+
+def _absent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("lecture_kit::scalar_decay_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                dt: torch.Tensor | None, D: torch.Tensor | None, initial_state: torch.Tensor | None,
+                scale: float, chunk_size: int, output_final_state: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    o, final = _forward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output_final_state)
+    return o, _absent(final, log_decay)
+
+
+@_forward_op.register_fake
+def _(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output_final_state):
+    B, K, (H, V) = q.shape[0], q.shape[3], v.shape[2:]
+    final = (log_decay.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state
+             else log_decay.new_empty(0))
+    return torch.empty_like(v), final
+
+
+@torch.library.custom_op("lecture_kit::scalar_decay_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                 dt: torch.Tensor | None, D: torch.Tensor | None, initial_state: torch.Tensor | None,
+                 do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, chunk_size: int,
+                 decay_grad: bool) -> list[torch.Tensor]:
+    grads = _backward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, do, dfinal,
+                      decay_grad)
+    return [_absent(g, log_decay) for g in grads]
+
+
+@_backward_op.register_fake
+def _(q, k, v, log_decay, dt, D, initial_state, do, dfinal, scale, chunk_size, decay_grad):
+    empty = log_decay.new_empty(0)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(log_decay, dtype=torch.float32) if decay_grad else empty,
+            torch.empty_like(dt, dtype=torch.float32) if decay_grad and dt is not None else empty,
+            D.new_empty(D.shape, dtype=torch.float32) if D is not None else empty,
+            torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else empty]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output_final_state = inputs
+    ctx.save_for_backward(q, k, v, log_decay, dt, D, initial_state)
+    ctx.scale, ctx.chunk_size, ctx.output_final_state = scale, chunk_size, output_final_state
+
+
+def _backward_of_op(ctx, do, dfinal):
+    q, k, v, log_decay, dt, D, initial_state = ctx.saved_tensors
+    decay_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dfinal = dfinal.float().contiguous() if ctx.output_final_state and dfinal is not None else None
+    dq, dk, dv, dlog_decay, ddt, dD, dinitial = _backward_op(
+        q, k, v, log_decay, dt, D, initial_state, do, dfinal, ctx.scale, ctx.chunk_size, decay_grad)
+    present = lambda g, x: g.to(x.dtype) if x is not None and g.numel() == x.numel() else None
+    return (dq, dk, dv, present(dlog_decay, log_decay) if decay_grad else None,
+            present(ddt, dt) if decay_grad else None, present(dD, D), present(dinitial, initial_state),
+            None, None, None)
+
+
+_forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
@@ -673,6 +746,9 @@ def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
             None if dt is None else dt.contiguous(),
             None if D is None else D.float().contiguous(),
             None if initial_state is None else initial_state.float().contiguous()]
+    if torch.compiler.is_compiling():
+        o, final = _forward_op(*args, scale, chunk_size, output_final_state)
+        return o, (final if output_final_state else None)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         out = _ScalarDecayChunked.apply(*args, scale, chunk_size, output_final_state)
         return out if output_final_state else (out, None)
