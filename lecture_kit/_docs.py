@@ -8,9 +8,10 @@ the module is imported, so that ``help()`` shows the math first and the referenc
 it.
 
 A Parameters entry is built from the signature (name, annotation, default) and a
-description looked up in a per-module table: every form of a mixer takes the same ``q``,
-so ``gla.py`` describes ``q`` once, and no entry can disagree with the signature it
-documents.
+description: for the five forms of a mixer, its ``SPEC`` (``lecture_kit/_spec.py``), where
+each argument is described once for all forms, beside the checks that enforce it
+(:func:`document_form`); elsewhere a table parsed by :func:`descriptions`.  No entry can
+disagree with the signature it documents.
 """
 from __future__ import annotations
 
@@ -40,13 +41,13 @@ def descriptions(text: str) -> dict[str, str]:
 
 
 def document(fn: Callable, parameters: dict[str, str], *, returns: str, examples: str,
-             raises: Sequence[str] = ()) -> None:
-    """Append Parameters, Returns, Raises (when given) and Examples to ``fn.__doc__``.
+             raises: Sequence[str] = (), notes: str | None = None) -> None:
+    """Append Parameters, Returns, Raises and Notes (when given) and Examples to ``fn.__doc__``.
 
     ``parameters`` maps names to descriptions (see :func:`descriptions`); each entry's
-    head reads ``name : annotation, default value``.  ``returns`` and ``examples`` are
-    the bodies of their sections, in numpy layout, and ``raises`` the entries of its
-    section (such as :data:`VALUE_ERROR`).  The string annotations that
+    head reads ``name : annotation, default value``.  ``returns``, ``notes`` and
+    ``examples`` are the bodies of their sections, in numpy layout, and ``raises`` the
+    entries of its section (such as :data:`VALUE_ERROR`).  The string annotations that
     ``from __future__ import annotations`` leaves are resolved too, so that ``help()``
     prints ``q: torch.Tensor`` rather than ``q: 'torch.Tensor'``.
 
@@ -68,7 +69,7 @@ def document(fn: Callable, parameters: dict[str, str], *, returns: str, examples
                        + textwrap.indent(parameters[name], "    "))
     sections = {"Parameters": "\n".join(entries), "Returns": returns,
                 "Raises": "\n".join(textwrap.dedent(r).strip() for r in raises) or None,
-                "Examples": examples}
+                "Notes": notes, "Examples": examples}
     fn.__doc__ = "\n\n".join([inspect.cleandoc(fn.__doc__)] + [
         f"{title}\n{'-' * len(title)}\n{textwrap.dedent(body).strip()}"
         for title, body in sections.items() if body is not None])
@@ -90,3 +91,43 @@ ModuleNotFoundError
     aarch64).  Every other form works without it, and ``chunked`` takes the same
     arguments.
 """
+
+
+#: What a NaN or ±inf in one token's activations does to the other outputs, form by form
+#: (tests/test_forms.py checks each statement).
+NON_FINITE = {
+    "recurrent": """
+A NaN or ±inf in an activation of token t stays in its own sequence and reaches only
+what depends on it: token t's output and, through the state, later ones.  Earlier
+outputs and the other sequences of the batch are exact.  (NaN decays are refused while
+value checks are on.)
+""",
+    "parallel": """
+A NaN or ±inf in an activation of token t leaves the other sequences of the batch exact
+and makes token t's output non-finite, but may reach every output of its own sequence,
+earlier ones too: the T×T product multiplies the zeros above the diagonal by it
+(0·NaN = NaN).  ``recurrent`` keeps the earlier outputs exact.
+""",
+    "chunked": """
+A NaN or ±inf in an activation of token t leaves the other sequences of the batch and
+the chunks before token t's exact, and makes token t's output non-finite, but may reach
+the earlier outputs of its own chunk, whose masked products compute 0·NaN.
+``recurrent`` keeps every earlier output exact.
+""",
+    "matrix": """
+A NaN or ±inf in token t's inputs leaves the matrices of the other sequences of the
+batch and the entries between earlier tokens (i, j < t) exact; any other entry may be
+non-finite, above the diagonal too (0·NaN in the mask).
+""",
+}
+NON_FINITE["kernel"] = NON_FINITE["chunked"]
+
+
+def document_form(fn: Callable, spec, *, returns: str, examples: str) -> None:
+    """``document`` for one of a mixer's five forms: its Parameters from the mixer's
+    ``spec`` (``lecture_kit/_spec.py``), the Raises every form shares (and the kernel's),
+    and the Notes on non-finite activations that hold for its kind of form."""
+    form = fn.__name__
+    document(fn, spec.descriptions(form), returns=returns, examples=examples,
+             raises=[VALUE_ERROR] + ([NO_TRITON] if form == "kernel" else []),
+             notes=NON_FINITE[form])

@@ -18,6 +18,7 @@ Adding a mixer is writing its module, ``SPEC`` included, and naming it in ``test
 from __future__ import annotations
 
 import inspect
+import textwrap
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -145,8 +146,8 @@ class MixerSpec:
     def descriptions(self, form: str) -> dict[str, str]:
         """The Parameters table of ``form`` (``_docs.document``): one description per argument,
         the kernel's limits added for ``kernel``."""
-        table = {a.name: inspect.cleandoc(a.description) + (f"  {a.kernel}" if form == "kernel" and a.kernel
-                                                             else "")
+        table = {a.name: inspect.cleandoc(a.description)
+                 + (f"\n{textwrap.fill(a.kernel, 84)}" if form == "kernel" and a.kernel else "")
                  for a in self.inputs + self.keywords}
         chunk = self.kernel_chunk_description if form == "kernel" else self.chunk_description
         table.update(scale=inspect.cleandoc(self.scale_description), output_final_state=_FINAL_STATE,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._docs import document_form
 from ._spec import Arg, MixerSpec
 from ._validate import compute_dtype
 from .semiseparable import segsum
@@ -217,8 +217,8 @@ _SETUP = """
 >>> log_gamma = torch.log1p(-2.0 ** (-5 - torch.arange(H)))     # RetNet's: log γ < 0
 """
 
-document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(recurrent, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> o, S = lk.retnet.recurrent(q, k, v, log_gamma, output_final_state=True)
 >>> o.shape, S.shape, S.dtype
 (torch.Size([2, 50, 4, 16]), torch.Size([2, 4, 16, 16]), torch.float32)
@@ -236,8 +236,8 @@ True
 True
 """)
 
-document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(parallel, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
 >>> o, S = lk.retnet.parallel(q, k, v, log_gamma, **kw)
 >>> o_ref, S_ref = lk.retnet.recurrent(q, k, v, log_gamma, **kw)
@@ -252,8 +252,8 @@ Half-precision activations with an fp32 decay: the output is bf16, the state sta
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(chunked, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
@@ -263,7 +263,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
+document_form(matrix, SPEC, returns="""
 P : torch.Tensor
     The retention matrix ``[B, H, T, T]``, in q's dtype, lower triangular: with a zero
     initial state, ``o[b, :, h] = P[b, h] @ v[b, :, h]``.
@@ -282,8 +282,8 @@ Every block on or below the diagonal has rank at most K (measured in fp64):
 16
 """)
 
-document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
-         examples=_SETUP + """
+document_form(kernel, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (q, k, v, log_gamma)]
 >>> o, S = lk.retnet.kernel(*args, output_final_state=True, chunk_size=16)

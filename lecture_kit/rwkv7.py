@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._docs import document_form
 from ._spec import Arg, MixerSpec
 from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum, sss_matrix
@@ -278,8 +278,8 @@ _SETUP = """
 >>> a, b = -kappa, kappa * torch.sigmoid(torch.randn(B, T, H, K))    # the delta rule
 """
 
-document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(recurrent, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> o, S = lk.rwkv7.recurrent(r, w, k, v, a, b, output_final_state=True)
 >>> o.shape, S.shape, S.dtype
 (torch.Size([2, 50, 2, 16]), torch.Size([2, 2, 16, 16]), torch.float32)
@@ -296,8 +296,8 @@ True
 True
 """)
 
-document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(parallel, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
 >>> o, S = lk.rwkv7.parallel(r, w, k, v, a, b, **kw)
 >>> o_ref, S_ref = lk.rwkv7.recurrent(r, w, k, v, a, b, **kw)
@@ -312,8 +312,8 @@ Half-precision activations with an fp32 decay: the output is bf16, the state sta
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(chunked, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
 >>> kw = dict(initial_state=torch.randn(B, H, K, V), output_final_state=True)
@@ -323,7 +323,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
+document_form(matrix, SPEC, returns="""
 A : torch.Tensor
     The mixing matrix ``[B, H, T, T]``, in r's dtype, lower triangular: with a zero
     initial state, ``o[b, :, h] = A[b, h] @ v[b, :, h]``.
@@ -342,8 +342,8 @@ Every block on or below the diagonal has rank at most K (measured in fp64):
 16
 """)
 
-document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
-         examples=_SETUP + """
+document_form(kernel, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (r, w, k, v, a, b)]
 >>> o, S = lk.rwkv7.kernel(*args, output_final_state=True)        # chunk_size 16

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._docs import NO_TRITON, VALUE_ERROR, document
+from ._docs import document_form
 from ._spec import Arg, MixerSpec
 from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum
@@ -289,8 +289,8 @@ _SETUP = """
 >>> D = torch.ones(H)
 """
 
-document(recurrent, SPEC.descriptions("recurrent"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(recurrent, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> y, h = lk.ssd.recurrent(x, dt, A, B, C, D=D, output_final_state=True)
 >>> y.shape, h.shape, h.dtype
 (torch.Size([2, 50, 4, 16]), torch.Size([2, 4, 16, 16]), torch.float32)
@@ -308,8 +308,8 @@ True
 True
 """)
 
-document(parallel, SPEC.descriptions("parallel"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(parallel, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> kw = dict(D=D, initial_state=torch.randn(batch, H, P, N), output_final_state=True)
 >>> y, h = lk.ssd.parallel(x, dt, A, B, C, **kw)
 >>> y_ref, h_ref = lk.ssd.recurrent(x, dt, A, B, C, **kw)
@@ -324,8 +324,8 @@ Half-precision activations with fp32 Δ and A: the output is bf16, the state sta
 (torch.bfloat16, torch.float32)
 """)
 
-document(chunked, SPEC.descriptions("chunked"), returns=_RETURNS, raises=[VALUE_ERROR],
-         examples=_SETUP + """
+document_form(chunked, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 
 >>> kw = dict(D=D, initial_state=torch.randn(batch, H, P, N), output_final_state=True)
@@ -335,7 +335,7 @@ T = 50 is not a multiple of the chunk size, so the last chunk is ragged:
 (True, True)
 """)
 
-document(matrix, SPEC.descriptions("matrix"), raises=[VALUE_ERROR], returns="""
+document_form(matrix, SPEC, returns="""
 M : torch.Tensor
     The mixing matrix ``[B, H, T, T]``, in B's dtype, lower triangular and shared by a
     head's P channels: with a zero initial state,
@@ -355,8 +355,8 @@ Every block on or below the diagonal has rank at most N (measured in fp64):
 16
 """)
 
-document(kernel, SPEC.descriptions("kernel"), returns=_RETURNS, raises=[VALUE_ERROR, NO_TRITON],
-         examples=_SETUP + """
+document_form(kernel, SPEC, returns=_RETURNS,
+              examples=_SETUP + """
 >>> dev = lk.DEVICE     # CUDA if visible, else the CPU with Triton's interpreter
 >>> args = [t.to(dev) for t in (x, dt, A, B, C)]
 >>> y, h = lk.ssd.kernel(*args, D=D.to(dev), output_final_state=True, chunk_size=16)

@@ -9,14 +9,15 @@ imports what it uses, as a reader's would).
 import doctest
 import inspect
 import re
+import textwrap
 
 import pytest
 
 from lecture_kit import _docs, gla, retnet, rwkv7, semiseparable, ssd
+from lecture_kit._spec import FORMS
 from lecture_kit.hardware import HAS_TRITON
 
 MODULES = [semiseparable, ssd, retnet, gla, rwkv7]
-FORMS = {"recurrent", "parallel", "chunked", "matrix", "kernel"}
 
 
 def public_functions(module):
@@ -38,7 +39,7 @@ def section(doc: str, title: str) -> str | None:
 
 def test_the_parametrisation_sees_every_form():
     for m in MODULES[1:]:
-        assert {fn.__name__ for fn in public_functions(m)} == FORMS, m.__name__
+        assert {fn.__name__ for fn in public_functions(m)} == set(FORMS), m.__name__
     assert {fn.__name__ for fn in public_functions(semiseparable)} == {
         "segsum", "one_semiseparable_mask", "default_tolerance", "semiseparable_rank",
         "sss_matrix"}
@@ -66,6 +67,21 @@ def test_annotations_and_sections(fn):
         assert head == expected, f"{name}: documented as {head!r}, not {expected!r}"
     assert section(doc, "Returns"), "no Returns section"
     assert ">>>" in (section(doc, "Examples") or ""), "no Examples, or no doctest there"
+
+
+FORM_FUNCTIONS = [fn for m in MODULES[1:] for fn in public_functions(m)]
+
+
+@pytest.mark.parametrize("fn", FORM_FUNCTIONS, ids=[f"{fn.__module__[12:]}.{fn.__name__}" for fn in FORM_FUNCTIONS])
+def test_a_forms_descriptions_and_notes_are_its_specs(fn):
+    """One description per argument: each Parameters entry is the mixer's SPEC text (with the
+    kernel's limits added for ``kernel``), and the Notes say what a NaN does in this kind of form."""
+    spec = inspect.getmodule(fn).SPEC
+    doc = inspect.getdoc(fn)
+    params = section(doc, "Parameters")
+    for name, text in spec.descriptions(fn.__name__).items():
+        assert textwrap.indent(text, "    ") in params, name
+    assert section(doc, "Notes") == inspect.cleandoc(_docs.NON_FINITE[fn.__name__])
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=IDS)
