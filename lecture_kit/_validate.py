@@ -72,6 +72,10 @@ def _step_rule(t):
     return (t >= 0) & (t < math.inf)   # finite and ≥ 0; NaN fails both
 
 
+def _finite_rule(t):
+    return torch.isfinite(t)
+
+
 #: What a sign rule of a spec's argument requires (``Arg.sign``), how it is tested, and what the
 #: error says (formatted with the argument's name and the tensor's extremes).
 VALUE_RULES = {
@@ -83,6 +87,7 @@ VALUE_RULES = {
             "-inf is allowed, NaN is not"),
     ">= 0": (_step_rule,
              "{name} must be finite and >= 0 everywhere (min {min:.3g}, max {max:.3g})"),
+    "finite": (_finite_rule, "{name} must be finite everywhere (min {min:.3g}, max {max:.3g})"),
 }
 
 

@@ -24,6 +24,16 @@ from __future__ import annotations
 import torch
 
 from ._docs import descriptions, document
+from ._validate import FLOAT_DTYPES, Signature
+
+
+def _check_log_decays(function: str, log_a) -> None:
+    """log_a is a floating tensor with a time dimension (integer log-decays have no −∞ to mask with)."""
+    if not isinstance(log_a, torch.Tensor) or log_a.dtype not in FLOAT_DTYPES or log_a.dim() < 1:
+        got = f"{log_a.dtype} of shape {tuple(log_a.shape)}" if isinstance(log_a, torch.Tensor) \
+            else type(log_a).__name__
+        raise ValueError(f"{function}: log_a must be a floating-point tensor [..., T] (at least one "
+                         f"dimension), got {got}; pass torch.tensor(..., dtype=torch.float64), say")
 
 
 def segsum(log_a: torch.Tensor) -> torch.Tensor:
@@ -39,6 +49,7 @@ def segsum(log_a: torch.Tensor) -> torch.Tensor:
     fp32 and bf16; notebook 05b shows it).  The upper triangle is set to −∞ *before* anyone calls
     ``exp``, so ``exp(segsum)`` is exactly zero there.
     """
+    _check_log_decays("segsum", log_a)
     T = log_a.shape[-1]
     strictly_lower = torch.ones(T, T, dtype=torch.bool, device=log_a.device).tril(-1)
     lower = torch.ones(T, T, dtype=torch.bool, device=log_a.device).tril(0)
@@ -56,6 +67,7 @@ def one_semiseparable_mask(log_a: torch.Tensor) -> torch.Tensor:
     Shapes: ``log_a [..., T]`` → ``[..., T, T]``.  Computed as ``exp(segsum(ℓ))``, never as a ratio
     of cumulative products (those underflow to 0/0 = NaN on long sequences).
     """
+    _check_log_decays("one_semiseparable_mask", log_a)
     return torch.exp(segsum(log_a))
 
 
@@ -78,12 +90,13 @@ def semiseparable_rank(M: torch.Tensor,
     rounding level counts as rank 0, as it should.  Integer or bool matrices are converted to
     fp64.
     """
-    if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2]:
-        raise ValueError(f"semiseparable_rank: M must be a square matrix [..., T, T], got "
+    if not isinstance(M, torch.Tensor) or M.dim() < 2 or M.shape[-1] != M.shape[-2] or M.is_complex():
+        raise ValueError(f"semiseparable_rank: M must be a real square matrix [..., T, T], got "
                          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
     if not M.is_floating_point():
         M = M.double()
     M = M.float() if M.dtype in (torch.float16, torch.bfloat16) else M
+    Signature("semiseparable_rank").values([("M", M, "finite")])    # an inf made every σ NaN: rank 0
     if rtol is None:
         rtol = default_tolerance(M)
     T = M.shape[-1]
@@ -105,10 +118,19 @@ def sss_matrix(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tenso
     A_i ⋯ A_{j+1} B_j for all j ≤ i, and row i of M is ``U @ C_i``.  Cost O(T² N²): a reference, not
     a fast path.
     """
+    for name, t in (("C", C), ("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"sss_matrix: {name} must be a floating-point tensor, got "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if (t.dtype, t.device) != (C.dtype, C.device):
+            raise ValueError(f"sss_matrix: {name} is {t.dtype} on {t.device} but C is {C.dtype} on "
+                             f"{C.device}; pass all three in one dtype, on one device")
     if C.dim() < 2 or B.shape != C.shape or A.shape != (*C.shape, C.shape[-1]):
         raise ValueError(f"sss_matrix: expected C [..., T, N], A [..., T, N, N], B [..., T, N]; "
                          f"got C {tuple(C.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     T = C.shape[-2]
+    if T == 0:
+        return C.new_zeros(*C.shape[:-2], 0, 0)
     rows = []
     U = B[..., :0, :]                                                # no columns carried yet
     for i in range(T):
@@ -125,11 +147,17 @@ def sss_matrix(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tenso
 
 _LOG_A = descriptions("""
 log_a
-    Log-decays ℓ ``[..., T]`` along the last dimension, any float dtype; the mixers' are
-    ≤ 0, so that exp(segsum(ℓ)) ≤ 1.
+    Log-decays ℓ ``[..., T]`` along the last dimension, a tensor of any float dtype with
+    at least one dimension; the mixers' are ≤ 0, so that exp(segsum(ℓ)) ≤ 1.
 """)
 
-document(segsum, _LOG_A, returns="""
+_LOG_A_ERROR = """
+ValueError
+    If log_a is not a floating-point tensor with at least one dimension (a list, a 0-d
+    or an integer tensor).
+"""
+
+document(segsum, _LOG_A, raises=[_LOG_A_ERROR], returns="""
 torch.Tensor
     ``[..., T, T]`` in log_a's dtype: ℓ_{j+1} + ⋯ + ℓ_i at (i, j) on and below the
     diagonal (0 on it), −inf above.
@@ -142,7 +170,7 @@ tensor([[ 0., -inf, -inf],
         [-5., -3.,  0.]])
 """)
 
-document(one_semiseparable_mask, _LOG_A, returns="""
+document(one_semiseparable_mask, _LOG_A, raises=[_LOG_A_ERROR], returns="""
 torch.Tensor
     The mask L ``[..., T, T]`` in log_a's dtype, exactly 0 above the diagonal.
 """, examples="""
@@ -186,7 +214,8 @@ rtol
     means ``default_tolerance(M)``.
 """), raises=["""
 ValueError
-    If M is not a tensor with at least two dimensions and square in the last two.
+    If M is not a real tensor with at least two dimensions and square in the last two,
+    or holds an inf or NaN (checked while value checks are on).
 """], returns="""
 int | torch.Tensor
     The semiseparable rank: an ``int`` for one matrix, a LongTensor ``[...]`` for a
@@ -210,10 +239,11 @@ B
     Input factors B_j ``[..., T, N]``, in C's dtype.
 """), raises=["""
 ValueError
-    If the shapes are not ``C [..., T, N]``, ``A [..., T, N, N]`` and ``B [..., T, N]``.
+    If the shapes are not ``C [..., T, N]``, ``A [..., T, N, N]`` and ``B [..., T, N]``,
+    or the three are not floating-point tensors of one dtype on one device.
 """], returns="""
 torch.Tensor
-    M ``[..., T, T]``, lower triangular, in C's dtype.
+    M ``[..., T, T]``, lower triangular, in C's dtype (``[..., 0, 0]`` for T = 0).
 """, examples="""
 With scalar transitions A_t = a_t I, the SSS matrix is the 1-semiseparable mask times
 C Bᵀ (the SSD theorem):

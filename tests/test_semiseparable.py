@@ -5,6 +5,7 @@ import torch
 
 from lecture_kit import semiseparable as ss
 from lecture_kit import ssd
+from lecture_kit._validate import set_value_checks
 from lecture_kit.testing import TOLERANCE, errors, matrix_args, mixer, random_inputs
 
 T, STATE = 48, 6
@@ -75,3 +76,40 @@ def test_semiseparable_rank_rejects_non_square_input():
         ss.semiseparable_rank(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="sss_matrix"):
         ss.sss_matrix(torch.zeros(5, 3), torch.zeros(5, 3, 2), torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("fn", [ss.segsum, ss.one_semiseparable_mask])
+def test_segsum_and_mask_refuse_what_has_no_log_decays_to_mask(fn):
+    """A list, a 0-d tensor (no time dimension) or an integer tensor (no −∞ for the upper triangle):
+    a ValueError naming log_a, where they crashed inside torch."""
+    for bad in ([-1.0, -2.0], torch.tensor(-1.0), torch.tensor([-1, -2]), torch.tensor([True]),
+                torch.tensor([-1j])):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: log_a must be a floating-point tensor"):
+            fn(bad)
+    assert fn(torch.zeros(3, 0)).shape == (3, 0, 0)                # T = 0: empty, as torch gives
+
+
+def test_semiseparable_rank_refuses_an_inf_or_nan():
+    """An inf made every singular value NaN, and the rank came out 0."""
+    L = ss.one_semiseparable_mask(torch.full((6,), -0.5, dtype=torch.float64))
+    for value in (float("inf"), float("nan")):
+        M = L.clone()
+        M[4, 1] = value
+        with pytest.raises(ValueError, match="semiseparable_rank: M must be finite"):
+            ss.semiseparable_rank(M)
+    with set_value_checks(False), pytest.raises(torch.linalg.LinAlgError):    # unchecked: torch's SVD says
+        ss.semiseparable_rank(M)
+    with pytest.raises(ValueError, match="real square"):
+        ss.semiseparable_rank(L.to(torch.complex128))
+
+
+def test_sss_matrix_at_t_zero_and_refuses_mixed_dtypes_devices_and_non_tensors():
+    C, B = torch.randn(2, 0, 3, dtype=torch.float64), torch.randn(2, 0, 3, dtype=torch.float64)
+    assert ss.sss_matrix(C, torch.zeros(2, 0, 3, 3, dtype=torch.float64), B).shape == (2, 0, 0)
+    C, B = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    A = torch.eye(3, dtype=torch.float64).expand(5, 3, 3)
+    for name, bad in (("A", (C, A.float(), B)), ("B", (C, A, B.float())), ("B", (C, A, B.to("meta"))),
+                      ("C", (C.tolist(), A, B)), ("C", (C.long(), A, B))):
+        with pytest.raises(ValueError, match=f"sss_matrix: {name} "):
+            ss.sss_matrix(*bad)
+    assert torch.equal(ss.sss_matrix(C, A, B), (C @ B.T).tril())      # A_t = I: the masked C Bᵀ
