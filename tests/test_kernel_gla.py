@@ -6,9 +6,9 @@ with chunk 16 and 64 (and 32); zero and non-zero initial states; the layer's wea
 logsigmoid(x)/16, plain logsigmoid(x), the strong logsigmoid(x)/0.1 of ``random_inputs``, and extreme
 ones (−60 beside 0); gradients of q, k, v, g and initial_state against fp64 autograd of the
 recurrence; kernel 1's parts on their own (step 0's sums and the decayed operands against fp64 torch
-cumsums, A against the diagonal blocks of ``gla.matrix``); the ValueErrors for unsupported input.  On
-a CPU the kernels run through Triton's interpreter with 16×16 key/value tiles, so the small sizes
-(B, H ≤ 2, K, V ∈ {16, 32}) still tile K and V.
+cumsums, A against the diagonal blocks of ``gla.matrix``) and kernel 4a's score gradient against
+torch; the ValueErrors for unsupported input.  On a CPU the kernels run through Triton's interpreter
+with 16×16 key/value tiles, so the small sizes (B, H ≤ 2, K, V ∈ {16, 32}) still tile K and V.
 
 Bounds (math.md §5.3): fp32 inputs use IEEE ``tl.dot`` → "fp32" (1e-5) for outputs and for every
 gradient, dg included.  dg is the delicate one (§5.2: a reverse cumsum of differences whose intra-chunk
@@ -149,6 +149,27 @@ def test_kernel_1_against_torch_cumsums_and_the_matrix(dtype, T, chunk_size, gat
     position = torch.arange(T, device=A.device) % chunk_size                # row r inside its chunk
     above = torch.arange(chunk_size, device=A.device)[None, :] > position[:, None]
     assert (A[..., above] == 0).all(), "A must be exactly zero above the diagonal"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernel_4a_score_gradient_against_torch(dtype):
+    """Kernel 4a's dA = scale · dO Vᵀ inside each chunk, lower triangular (zeros above the diagonal
+    exactly), against the same product in fp64, with a ragged last chunk and two value tiles."""
+    dtype, C, T = DTYPES[dtype], 32, 45
+    (_, _, v, _), _ = inputs(T=T, dtype=dtype, V=32, seed=15)
+    do = torch.randn(v.shape, generator=torch.Generator().manual_seed(16)).to(device=DEVICE, dtype=dtype)
+    B, _, H, V = v.shape
+    dA = torch.empty(B, H, T, C, device=DEVICE, dtype=torch.float32)
+    gla_kernels._chunk_score_grad_kernel[(-(-T // C), B * H)](
+        do, v, dA, SCALE, T, H=H, V=V, C=C, **gla_kernels._launch_options(v))
+    reference = torch.zeros(B, H, T, C, dtype=torch.float64, device=DEVICE)
+    for t0 in range(0, T, C):
+        n = min(C, T - t0)
+        block = SCALE * torch.einsum("bthv,bshv->bhts", do[:, t0:t0 + n].double(), v[:, t0:t0 + n].double())
+        reference[..., t0:t0 + n, :n] = block.tril()
+    assert_close("dA", dA, reference, "fp32" if dtype == torch.float32 else "half")
+    position = torch.arange(T, device=DEVICE) % C
+    assert (dA[..., torch.arange(C, device=DEVICE)[None, :] > position[:, None]] == 0).all()
 
 
 def check_gradients(args, kw, chunk_size, bounds):

@@ -99,7 +99,7 @@ def presets():
                         DOT_PRECISION="tf32"), warps, stages)
     f32, bf16 = "*fp32", "*bf16"
     half = dict(DOT_PRECISION="tf32", EMULATE_BF16=False)
-    # the intra-chunk kernels: pointers aligned and T, NT multiples of 16, as the JIT sees them at the benchmark
+    # GLA: pointers aligned and T, NT multiples of 16, as the JIT sees them at the benchmark
     f32a, bf16a, T_NT = "*fp32:16", "*bf16:16", dict(T="i32:16", NT="i32:16")
     shape = dict(H=16, K=128, C=64, c=16)
     gates = dict(q=bf16a, k=bf16a, g=f32a, beta=f32a, q_dec=bf16a, k_dec=bf16a, k_sub=bf16a, decay_C=f32a, **T_NT)
@@ -114,17 +114,28 @@ def presets():
     for cfg in gla._chunk_diagonal_kernel.configs:
         yield (f"gla diagonal BK={cfg.kwargs['BK']}", gla._chunk_diagonal_kernel, diagonal,
                dict(shape, BK=cfg.kwargs["BK"], EMULATE_BF16=False), cfg.num_warps, cfg.num_stages)
-    states = dict(x=bf16, y=bf16, decay_C=f32, h=bf16, h0=f32, ht=f32, scale="fp32", T="i32", NT="i32")
+    states = dict(x=bf16a, y=bf16a, decay_C=f32a, h=bf16a, h0=f32a, ht=f32a, scale="fp32", **T_NT)
     yield ("gla states BV=64", gla._chunk_states_kernel, states,
            dict(H=16, K=128, V=128, C=64, BK=64, BV=64, HAS_INITIAL_STATE=False, STORE_FINAL_STATE=False,
                 REVERSE=False, **half), 4, 3)
-    output = dict(x=bf16, A=bf16, h=bf16, y=bf16, o=bf16, state_scale="fp32", score_scale="fp32", T="i32", NT="i32")
+    output = dict(x=bf16a, A=bf16a, h=bf16a, y=bf16a, o=bf16a, state_scale="fp32", score_scale="fp32", **T_NT)
     yield ("gla output BV=128", gla._chunk_output_kernel, output,
            dict(H=16, K=128, V=128, C=64, BK=64, BV=128, TRANSPOSE_A=False, **half), 4, 3)
-    grad = dict(q=bf16, k=bf16, v=bf16, g=f32, beta=f32, h=f32, dh=f32, do=bf16, dq=bf16, dk=bf16, dg=f32,
-                scale="fp32", T="i32", NT="i32")
-    yield ("gla grad BK=32", gla._chunk_grad_kernel, grad,
-           dict(H=16, K=128, V=128, C=64, c=16, BK=32, BV=64, **half), 8, 1)
+    score_grad = dict(do=bf16a, v=bf16a, dA=f32a, scale="fp32", T=T_NT["T"])
+    for cfg in gla._chunk_score_grad_kernel.configs:
+        yield (f"gla score_grad BV={cfg.kwargs['BV']}", gla._chunk_score_grad_kernel, score_grad,
+               dict(H=16, V=128, C=64, BV=cfg.kwargs["BV"], **half), cfg.num_warps, cfg.num_stages)
+    intra_grad = dict(q=bf16a, k=bf16a, g=f32a, beta=f32a, k_sub=bf16a, dA=f32a, dq_intra=f32a, dk_intra=f32a,
+                      R_intra=f32a, T=T_NT["T"])
+    for cfg in gla._chunk_intra_grad_kernel.configs:
+        yield (f"gla intra_grad BK={cfg.kwargs['BK']}", gla._chunk_intra_grad_kernel, intra_grad,
+               dict(shape, BK=cfg.kwargs["BK"], **half), cfg.num_warps, cfg.num_stages)
+    grad = dict(q=bf16a, k=bf16a, v=bf16a, g=f32a, h=f32a, dh=f32a, do=bf16a, dq_intra=f32a, dk_intra=f32a,
+                R_intra=f32a, dq=bf16a, dk=bf16a, dg=f32a, scale="fp32", **T_NT)
+    for cfg in gla._chunk_grad_kernel.configs:
+        yield (f"gla grad BK={cfg.kwargs['BK']} BV={cfg.kwargs['BV']}", gla._chunk_grad_kernel, grad,
+               dict(H=16, K=128, V=128, C=64, BK=cfg.kwargs["BK"], BV=cfg.kwargs["BV"], **half), cfg.num_warps,
+               cfg.num_stages)
 
     phase1 = {name: bf16 for name in ("r", "w", "k", "v", "a", "b")}
     phase1.update({name: f32 for name in ("A_qk", "A_qb", "U", "W", "r_dec", "k_dec", "b_dec", "g_last",

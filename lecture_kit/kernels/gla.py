@@ -48,15 +48,15 @@ Then, inside chunk [i], with dS' = dS_[i+1] and the score gradient dA_rs = scale
     step 8  dq = scale · e^{b} ⊙ (dO S_[i]ᵀ) + dQ^intra,   dQ^intra_rd = Σ_{s ≤ r} dA_rs k_sd e^{b_rd − b_sd}
             dk = e^{b_C − b} ⊙ (V dS'ᵀ)     + dK^intra,   dK^intra_sd = Σ_{r ≥ s} dA_rs q_rd e^{b_rd − b_sd}
 
-The intra sums have the shape of A and are tiled like it, with one reference row per query sub-chunk
-I, b_ref = b at I's first row: with Q̃_I = Q_I ⊙ e^{b_I − b_ref} (its exponents β_I − β_ref) and
-K̃_{<I} = K_{<I} ⊙ e^{b_ref − b_{<I}} (exponents ≤ 0; the gradient kernel takes them as differences
-of b) and dA_I = the rows of I, columns before I,
+The intra sums have the shape of A and are tiled like it, on step 3's operands: for a pair of
+sub-chunks J < I, with Q̃_I = Q_I ⊙ e^{β_I + gap} (gap = G_{J+1} + … + G_{I−1}), K̂_J = K_J ⊙ e^{γ_J}
+and dA_IJ = the rows of I, columns of J,
 
-    off-diagonal  dQ^intra_I += e^{b_I − b_ref} ⊙ (dA_I K̃_{<I}),
-                  dK^intra_{<I} += e^{b_ref − b_{<I}} ⊙ (dA_Iᵀ Q̃_I)
-    diagonal      the sums over s ≤ r (for dq) and r ≥ s (for dk) inside one sub-chunk, pairwise in fp32
-                  with exponents β_r − β_s, clamped to ≤ 0 and masked to the pair before the exponential.
+    off-diagonal  dQ^intra_I += e^{β_I + gap} ⊙ (dA_IJ K̂_J),
+                  dK^intra_J += e^{γ_J} ⊙ (dA_IJᵀ Q̃_I)
+    diagonal      the sums over s ≤ r (for dq) and r ≥ s (for dk) inside one sub-chunk, pairwise in fp32:
+                  the walk of step 4 over the key rows, P_rs = dA_rs e^{g_{s+1} + … + g_r}, gives
+                  dQ^intra_r += P_rs k_s and dK^intra_s += Σ_r P_rs q_r in the same step.
 
 The gate gradient.  Adding ε to g_td (channel d of token t) multiplies by e^ε every term that carries
 channel d across t: the scores A_rs with s < t ≤ r, the read-outs of the initial state at r ≥ t, and
@@ -83,7 +83,8 @@ a reverse cumsum and an exclusive cumsum inside the chunk plus one per-chunk ter
 Rounding.  In R the pair terms with both r, s ≥ t cancel, so they must cancel exactly: each pair term
 dA_rs q_rd k_sd e^{b_rd − b_sd} enters q ⊙ dQ^intra (at row r) and k ⊙ dK^intra (at row s), and R
 forms both from the *same* numbers — off the diagonal from the rounded matmul operands, as
-Q̃_I ⊙ (dA_I K̃_{<I}) and K̃_{<I} ⊙ (dA_Iᵀ Q̃_I), on the diagonal from the fp32 pair terms.  Rebuilding R
+Q̃_I ⊙ (dA_IJ K̂_J) and K̂_J ⊙ (dA_IJᵀ Q̃_I) (the programs of I and of J form Q̃_I with the same code,
+so they see the same rounded numbers), on the diagonal from the fp32 pair terms.  Rebuilding R
 as q ⊙ dq − k ⊙ dk from the finished dq, dk would leave the half-precision rounding of every cancelled
 term in dg (the scalar-decay kernel measured relRMS 0.1–0.3 on its decay gradient that way).
 
@@ -103,34 +104,42 @@ Kernel 1 is three kernels, each of one kind of work:
   exponential per (r, d), a sum over d gives column s), then the block and zeros to its right.
 
 So ``A [B, H, T, C]`` (operand dtype), holding row r of a chunk as A[r, 0..C−1], is the chunk's whole
-lower-triangular C×C matrix, every entry stored by exactly one program.
-* ``_chunk_states_kernel`` — grid (K/BK, V/BV, B·H).  One program owns a BK×BV tile of one head's
+lower-triangular C×C matrix, every entry stored by exactly one program.  Then:
+
+* ``_chunk_states_kernel`` (2) — grid (K/BK, V/BV, B·H).  One program owns a BK×BV tile of one head's
   state (fp32) and walks the chunks, S ← diag(e^{b_C}) S + scale · Xᵀ Y, storing the state that
   enters each chunk to ``h [B, H, NT, K, V]``.  Forward (step 1): X = K ⊙ e^{b_C − b}, Y = V, in
   order, and the last S is the final state.  REVERSE (step 6): X = Q ⊙ e^{b}, Y = dO, from the last
   chunk to the first, storing dS_[i+1]; the last one is dS_[0].  Nothing but loads, one product and
   one store stands on this sequential path; every exponential was taken by kernel 1a.
-* ``_chunk_output_kernel`` — grid (V/BV, NT, B·H), every chunk in parallel: O = scale · (X S + A Y)
+* ``_chunk_output_kernel`` (3) — grid (V/BV, NT, B·H), every chunk in parallel: O = scale · (X S + A Y)
   with X = Q ⊙ e^{b}, S = S_[i], Y = V (steps 2 and 5); transposed, for the backward's step 7,
   dv = X dS' + scale · Aᵀ dO with X = K ⊙ e^{b_C − b}.
-* ``_chunk_grad_kernel`` — grid (K/BK, NT, B·H), every chunk and key tile in parallel.  One program
-  computes the C×BK tiles of dq, dk and dg of one chunk (steps 8–9): the C×C score gradient dA and the
-  state parts of dq and dk as sums over the V tiles, then the intra-chunk parts sub-chunk by
-  sub-chunk (the diagonal blocks on [c, c, BK] tiles, their dA formed again from the block's rows),
-  then the cumsums of step 9.  dA stays in registers.
+
+Kernel 4 is three kernels, so that none holds the C×C score gradient beside [C, BK] tiles:
+
+* ``_chunk_score_grad_kernel`` (4a) — grid (NT, B·H): dA = scale · dO Vᵀ of one chunk, lower
+  triangular, summed over the V tiles and stored once (fp32, ``[B, H, T, C]``) for all key tiles.
+* ``_chunk_intra_grad_kernel`` (4b) — grid (NT·NC, K/BK, B·H), one program per sub-chunk I and key
+  tile: the intra parts of dq and dk of I's rows and their R (fp32 ``[B, T, H, K]`` each): the pairs
+  (I, J < I) for dq, the pairs (J > I, I) for dk, each one tensor-core product of a c×c block of dA
+  with a stored K̂_J or a Q̃_J formed here, then the diagonal block by the walk of step 4.
+* ``_chunk_grad_kernel`` (4c) — grid (NT, K/BK, B·H), every chunk and key tile: the state parts of dq
+  and dk and diag(dS' S_[i]ᵀ) as sums over the V tiles, plus 4b's parts, then the cumsums of step 9
+  (b and b_C − b from the chunk's own gates, as in kernel 1a); stores dq, dk and dg.
 
 Forward: kernels 1a-1c, 2, 3.  A, the decayed operands and the chunk states are stored in the dtype in
 which the tensor-core products read them (bf16/fp16 for half inputs, fp32 otherwise), so storing
-them narrow loses nothing.  The backward runs kernel 2 for the states (fp32) and, REVERSE, for their
-gradients, kernel 4 for dq, dk, dg, and kernel 3 transposed for dv.
+them narrow loses nothing.  The backward runs kernel 1a, kernel 2 for the states (fp32) and, REVERSE,
+for their gradients, kernels 4a-4c for dq, dk, dg, and kernel 3 transposed for dv.
 
 What the backward keeps from the forward, memory against time: A, the costly part of kernel 1 (the
 exponentials of step 4, the products of step 3), is saved, C values per token and head in the
 operand dtype (128 B in bf16 at C = 64).  Kernel 1a is run again instead of saving its outputs: it is
 one streaming pass (it reads q, k, g and writes β and three operands: 2.3 KB of traffic per token
-and head at K = 128 in bf16, about that of one state walk), while keeping β and the three decayed operands alive from the
-forward to the backward would hold 1.3 KB per token and head, as much as the inputs q, k, v, g
-themselves, in every layer of a model until its backward runs.
+and head at K = 128 in bf16, about that of one state walk), while keeping β and the three decayed
+operands alive from the forward to the backward would hold 1.3 KB per token and head, as much as the
+inputs q, k, v, g themselves, in every layer of a model until its backward runs.
 
 Ragged T is handled by masks (no padded copies): rows past T load as zero and are excluded from every
 exponent.  fp32 inputs use ``input_precision="ieee"`` matmuls (exact enough for 1e-5 tests); bf16 and
@@ -154,25 +163,27 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------------------
-# Tiles.  BK = min(64, K) is fixed on the host for kernels 2 and 3 (32 in the gradient kernel, which
-# holds dA and more tiles at once; kernels 1a-1c autotune it); BV, num_warps and num_stages are chosen
-# by timing a few configurations on the first call for each (K, V, C, dtypes) on a GPU (its cost is
-# part of the first call's compile time).  Under the CPU interpreter exactly one configuration runs,
-# with BK = BV = 16, which fits every K and V and makes the small test sizes exercise the tiling over
-# K and V.  Compiled offline for sm_90 (Triton 3.9), the gradient kernel at the benchmark's shape
-# (bf16, K = V = 128, C = 64, 8 warps, 1 stage) needs 226 registers and no stack; other K, V ∈ 64..256
-# and C ∈ {32, 64} spill at most 24 bytes (fp32 with 2 stages up to 200); at C = 128 its C×C dA spills.
+# Tiles.  BK = min(64, K) is fixed on the host for kernels 2 and 3; the other kernels autotune it.  BV,
+# num_warps and num_stages are chosen by timing a few configurations on the first call for each
+# (K, V, C, dtypes) on a GPU (its cost is part of the first call's compile time).  Under the CPU
+# interpreter exactly one configuration runs, with BK = BV = 16, which fits every K and V and makes
+# the small test sizes exercise the tiling over K and V.  Register counts of the autotuned choices are
+# given beside kernels 1 and 4 (``tools/register_report.py`` computes them).
 # ------------------------------------------------------------------------------------------------------
 def _configs(gpu_options):
     options = [(16, 4, 1)] if _INTERPRETED else gpu_options
     return [triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv, w, s in options]
 
 
-def _keep_tiles_that_fit(configs, named_args, **kwargs):
-    """Drop configurations whose value tile BV is wider than V (pruning runs when there are several)."""
-    V = {**named_args, **kwargs}["V"]
-    kept = [cfg for cfg in configs if cfg.kwargs["BV"] <= V]
-    return kept or [triton.Config({"BV": V}, num_warps=4, num_stages=2)]
+def _tiles_that_fit(configs, named_args, **kwargs):
+    """Drop configurations whose key tile BK or value tile BV is wider than K or V (pruning runs when
+    there are several); if none is left, the first one with its tiles cut to K and V (both ≥ 16)."""
+    sizes = {**named_args, **kwargs}
+    dims = {"BK": sizes.get("K"), "BV": sizes.get("V")}
+    kept = [cfg for cfg in configs if all(b <= dims[tile] for tile, b in cfg.kwargs.items())]
+    first = configs[0]
+    return kept or [triton.Config({tile: min(b, dims[tile]) for tile, b in first.kwargs.items()},
+                                  num_warps=first.num_warps, num_stages=first.num_stages)]
 
 
 @triton.jit
@@ -220,17 +231,41 @@ def _head(ptr, i_b, i_h, T, H: tl.constexpr, D: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------
 # Kernels 1a-1c: everything inside one chunk (steps 0, 3, 4 and the decayed operands).
 # ------------------------------------------------------------------------------------------------------
-def _key_tiles_that_fit(configs, named_args, **kwargs):
-    """Drop configurations whose key tile BK is wider than K; if none is left, BK = K (K ≥ 16)."""
-    K = {**named_args, **kwargs}["K"]
-    kept = [cfg for cfg in configs if cfg.kwargs["BK"] <= K]
-    return kept or [triton.Config({"BK": K}, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)]
-
-
 def _key_tile_configs(gpu_options):
     """Autotuned (BK, num_warps, num_stages); one configuration with BK = 16 under the interpreter."""
     options = [(16, 4, 1)] if _INTERPRETED else gpu_options
     return [triton.Config({"BK": bk}, num_warps=w, num_stages=s) for bk, w, s in options]
+
+
+@triton.jit
+def _decayed_queries(q, beta, i_c, I, J, d_k, T, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                     c: tl.constexpr, BK: tl.constexpr):
+    """Step 3's query operand of the pair J < I for one key tile: Q_I ⊙ e^{β_I + G_{J+1} + … + G_{I−1}}
+    (fp32, [c, BK]: the queries of sub-chunk I decayed from J's last row, exponents ≤ 0) and the factor.
+    Each G is β at its sub-chunk's last row (a whole sub-chunk, in the sequence when I has a row in it),
+    summed in order: every program that needs this operand forms the same numbers."""
+    t_I = i_c * C + I * c + tl.arange(0, c)
+    valid_I = (t_I < T)[:, None]
+    tile_I = t_I[:, None] * (H * K) + d_k[None, :]
+    q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+    beta_I = tl.load(beta + tile_I, mask=valid_I, other=0.0)
+    gap = tl.zeros([BK], dtype=tl.float32)
+    for n in range(J + 1, I):
+        t_end = i_c * C + n * c + c - 1
+        gap += tl.load(beta + t_end * (H * K) + d_k, mask=_in_sequence(t_end, T, d_k), other=0.0)
+    factor = tl.exp(beta_I + gap[None, :])
+    return q_I * factor, factor
+
+
+@triton.jit
+def _diagonal_step(window, g, t_s, s, rows_c, d_k, T, H: tl.constexpr, K: tl.constexpr):
+    """One step of step 4's walk over the key rows of a sub-chunk, from its last row up: key row s
+    (token t_s).  window_r = g_{s+1} + … + g_r for the rows r > s of the sub-chunk (0 for r ≤ s), grown
+    by the gate after s; returns it and the pair factors e^{window_r} for r ≥ s, 0 for r < s (masked to
+    −∞ before exp).  The gate after the sub-chunk's last row is loaded but added to no row."""
+    g_after_s = tl.load(g + (t_s + 1) * (H * K) + d_k, mask=_in_sequence(t_s + 1, T, d_k), other=0.0)
+    window += tl.where((rows_c > s)[:, None], g_after_s.to(tl.float32)[None, :], 0.0)
+    return window, tl.exp(tl.where((rows_c >= s)[:, None], window, float("-inf")))
 
 
 # Compiled offline for sm_90 (Triton 3.9, bf16, K = 128, C = 64), the (BK, num_warps, num_stages) below
@@ -241,7 +276,7 @@ def _key_tile_configs(gpu_options):
 @triton.autotune(
     configs=_key_tile_configs([(16, 2, 1), (16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1)]),
     key=["K", "C"],
-    prune_configs_by={"early_config_prune": _key_tiles_that_fit},
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
 )
 @triton.jit
 def _chunk_gates_kernel(
@@ -289,7 +324,7 @@ def _chunk_gates_kernel(
 @triton.autotune(
     configs=_key_tile_configs([(32, 1, 2), (32, 2, 2), (32, 2, 3), (64, 2, 2), (64, 4, 3)]),
     key=["K", "C"],
-    prune_configs_by={"early_config_prune": _key_tiles_that_fit},
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
 )
 @triton.jit
 def _chunk_scores_kernel(
@@ -318,18 +353,9 @@ def _chunk_scores_kernel(
     A_IJ = tl.zeros([c, c], dtype=tl.float32)
     for i_k in range(K // BK):                    # the sum over key channels d, one BK tile at a time
         d_k = i_k * BK + tl.arange(0, BK)
-        tile_I = t_I[:, None] * (H * K) + d_k[None, :]
-        q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
-        beta_I = tl.load(beta + tile_I, mask=valid_I, other=0.0)
+        q_IJ, _ = _decayed_queries(q, beta, i_c, I, J, d_k, T, H, K, C, c, BK)
         k_J = tl.load(k_sub + t_J[:, None] * (H * K) + d_k[None, :], mask=valid_J, other=0.0)
-        # the gates between the two sub-chunks, G_{J+1} + … + G_{I−1}: each G is β at its sub-chunk's
-        # last row (a whole sub-chunk, in the sequence when I has a row in it)
-        gap = tl.zeros([BK], dtype=tl.float32)
-        for n in range(J + 1, I):
-            t_end = i_c * C + n * c + c - 1
-            gap += tl.load(beta + t_end * (H * K) + d_k, mask=_in_sequence(t_end, T, d_k), other=0.0)
-        q_fac = tl.exp(beta_I + gap[None, :])     # from J's last row to r: ≤ 1
-        A_IJ += _mm(q_I * q_fac, tl.trans(k_J), q, DOT_PRECISION, EMULATE_BF16)
+        A_IJ += _mm(q_IJ, tl.trans(k_J), q, DOT_PRECISION, EMULATE_BF16)
     A += (i_bh.to(tl.int64) * T + t_I[:, None]) * C + J * c + rows_c[None, :]
     _store_rounded(A, 0, A_IJ, valid_I, EMULATE_BF16)
 
@@ -337,7 +363,7 @@ def _chunk_scores_kernel(
 @triton.autotune(
     configs=_key_tile_configs([(32, 2, 1), (64, 4, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2)]),
     key=["K", "C"],
-    prune_configs_by={"early_config_prune": _key_tiles_that_fit},
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
 )
 @triton.jit
 def _chunk_diagonal_kernel(
@@ -369,10 +395,7 @@ def _chunk_diagonal_kernel(
             s = c - 1 - j
             t_s = i_c * C + I * c + s
             k_s = tl.load(k + t_s * (H * K) + d_k, mask=_in_sequence(t_s, T, d_k), other=0.0).to(tl.float32)
-            g_after_s = tl.load(g + (t_s + 1) * (H * K) + d_k, mask=_in_sequence(t_s + 1, T, d_k),
-                                other=0.0).to(tl.float32)                # (used only when s + 1 < c)
-            window += tl.where((rows_c > s)[:, None], g_after_s[None, :], 0.0)
-            decay = tl.exp(tl.where((rows_c >= s)[:, None], window, float("-inf")))
+            window, decay = _diagonal_step(window, g, t_s, s, rows_c, d_k, T, H, K)
             column = tl.sum(q_I * k_s[None, :] * decay, axis=1)                  # A[I, s] over this tile
             A_II += tl.where(rows_c[None, :] == s, column[:, None], 0.0)
 
@@ -389,7 +412,7 @@ def _chunk_diagonal_kernel(
 @triton.autotune(
     configs=_configs([(64, 4, 2), (32, 4, 2), (64, 4, 3), (32, 4, 3), (32, 2, 2)]),  # (BV, warps, stages)
     key=["K", "V", "C", "REVERSE"],
-    prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
 )
 @triton.jit
 def _chunk_states_kernel(
@@ -447,7 +470,7 @@ def _chunk_states_kernel(
 @triton.autotune(
     configs=_configs([(64, 4, 2), (128, 8, 2), (64, 8, 2), (32, 4, 2), (128, 4, 3)]),
     key=["K", "V", "C", "TRANSPOSE_A"],
-    prune_configs_by={"early_config_prune": _keep_tiles_that_fit},
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
 )
 @triton.jit
 def _chunk_output_kernel(
@@ -485,149 +508,187 @@ def _chunk_output_kernel(
     _store_rounded(o, tile_v, O, valid, EMULATE_BF16)
 
 
-@triton.jit
-def _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T,
-                       H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr):
-    """The row factors of step 3 for query sub-chunk I, both ≤ 1 and zero outside their rows:
-    e^{b_r − b_ref} on the rows r of I (as β_r − β_ref, a short sum) and e^{b_ref − b_s} on the rows s
-    before I, with b_ref = b at I's first row.  (If I lies past T, its rows are all masked.)"""
-    in_I = ((rows // c == I) & valid)[:, None]                               # query rows of I
-    before_I = ((rows < I * c) & valid)[:, None]                             # key rows of all J < I
-    ref_t = tl.minimum(i_c * C + I * c, T - 1)                               # (in bounds when I is padding)
-    beta_ref = tl.load(beta + ref_t * (H * K) + d_k)[None, :]                # = g at I's first row
-    b_ref = tl.sum(tl.where((rows == I * c)[:, None], b_i, 0.0), axis=0)[None, :]
-    q_fac = tl.where(in_I, tl.exp(tl.where(in_I, beta_i - beta_ref, 0.0)), 0.0)
-    k_fac = tl.where(before_I, tl.exp(tl.where(before_I, b_ref - b_i, 0.0)), 0.0)
-    return q_fac, k_fac
-
-
 # ------------------------------------------------------------------------------------------------------
-# Kernel 4: steps 8-9, the gradients of q, k and g, parallel over chunks and key tiles.
+# Kernels 4a-4c: steps 8-9, the gradients of q, k and g.
 # ------------------------------------------------------------------------------------------------------
+# Compiled offline for sm_90 (Triton 3.9, bf16, K = V = 128, C = 64), the autotuned choices need
+# (registers a thread, no stack in any): score_grad 44-77; intra_grad (BK 16 or 32) 80, (64, 8 warps)
+# 114; grad (BK, BV) = (16, ·) 80-94, (32, ·) at 8 warps 102-103.  In bf16 none spills at K, V ∈ 64..256
+# and C ∈ {64, 128} (at C = 32 one wide choice of grad spills); fp32's IEEE products run without tensor
+# cores and spill in the wider tiles at C = 128, but every shape keeps choices that do not.
 @triton.autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=s)
-             for w, s in ([(4, 1)] if _INTERPRETED else [(8, 1), (8, 2)])],   # 4 warps spill at C = 64
-    key=["K", "V", "C", "BK"],
+    configs=_configs([(64, 4, 2), (128, 8, 2), (64, 8, 3), (32, 4, 2)]),     # (BV, warps, stages)
+    key=["V", "C"],
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
+)
+@triton.jit
+def _chunk_score_grad_kernel(
+    do, v,                # dO, V [B, T, H, V]
+    dA,                   # out: [B, H, T, C] fp32, row r of a chunk = dA[r, 0..C−1]
+    scale, T,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """The score gradient of one chunk, dA_rs = scale · do_r·v_s for s ≤ r and 0 above the diagonal,
+    summed over the V tiles: once per chunk, for all key tiles of kernel 4b."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows = tl.arange(0, C)
+    t = i_c * C + rows
+    valid = (t < T)[:, None]
+    do, v = _head(do, i_b, i_h, T, H, V), _head(v, i_b, i_h, T, H, V)
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(V // BV):
+        tile_v = t[:, None] * (H * V) + (i_v * BV + tl.arange(0, BV))[None, :]
+        do_i = tl.load(do + tile_v, mask=valid, other=0.0)
+        v_i = tl.load(v + tile_v, mask=valid, other=0.0)
+        acc += _mm(do_i, tl.trans(v_i), do, DOT_PRECISION, EMULATE_BF16)
+    dA += (i_bh.to(tl.int64) * T + t[:, None]) * C + rows[None, :]
+    tl.store(dA, tl.where(rows[None, :] <= rows[:, None], scale * acc, 0.0), mask=valid)
+
+
+@triton.autotune(
+    configs=_key_tile_configs([(16, 2, 2), (32, 4, 1), (32, 4, 2), (64, 8, 1), (64, 8, 2)]),
+    key=["K", "C"],
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
+)
+@triton.jit
+def _chunk_intra_grad_kernel(
+    q, k, g,              # inputs [B, T, H, K]
+    beta, k_sub, dA,      # β [B, T, H, K] fp32, K ⊙ e^{γ} (operand dtype), dA [B, H, T, C] fp32
+    dq_intra, dk_intra, R_intra,  # out: dQ^intra, dK^intra and R [B, T, H, K] fp32
+    T,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """The intra-chunk parts of dq and dk (step 8) of the rows of one sub-chunk I and key tile, and
+    their R = q ⊙ dQ^intra − k ⊙ dK^intra (step 9) formed from the same numbers: the pairs (I, J < I)
+    with I as the queries, the pairs (J > I, I) with I as the keys, then the diagonal block."""
+    i_s, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, I = i_s // (C // c), i_s % (C // c)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows_c = tl.arange(0, c)
+    t_I = i_c * C + I * c + rows_c
+    valid_I = (t_I < T)[:, None]
+    d_k = i_k * BK + tl.arange(0, BK)
+    tile_I = t_I[:, None] * (H * K) + d_k[None, :]
+    q, k, g = _head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K), _head(g, i_b, i_h, T, H, K)
+    beta, k_sub = _head(beta, i_b, i_h, T, H, K), _head(k_sub, i_b, i_h, T, H, K)
+    dA += (i_bh.to(tl.int64) * T + i_c * C) * C   # row 0 of the chunk
+    block = rows_c[:, None] * C + rows_c[None, :]  # a c×c block of dA, at its first row and column
+
+    # I as the queries: dQ^intra_I = Σ_{J<I} e^{β_I + gap} ⊙ (dA_IJ K̂_J), R_I += Q̃_I ⊙ (dA_IJ K̂_J)
+    dq_I = tl.zeros([c, BK], dtype=tl.float32)
+    R_I = tl.zeros([c, BK], dtype=tl.float32)
+    for J in range(0, I):
+        q_IJ, q_fac = _decayed_queries(q, beta, i_c, I, J, d_k, T, H, K, C, c, BK)
+        q_IJ = _as_input_dtype(q_IJ, q, EMULATE_BF16).to(tl.float32)          # Q̃_I, rounded once
+        t_J = i_c * C + J * c + rows_c
+        k_J = tl.load(k_sub + t_J[:, None] * (H * K) + d_k[None, :], mask=(t_J < T)[:, None], other=0.0)
+        dA_IJ = tl.load(dA + I * c * C + J * c + block, mask=valid_I, other=0.0)
+        X = _mm(dA_IJ, k_J, q, DOT_PRECISION, EMULATE_BF16)                   # Σ_s dA_rs k̂_s
+        dq_I += q_fac * X
+        R_I += q_IJ * X
+    # I as the keys: dK^intra_I = e^{γ_I} ⊙ Σ_{J>I} dA_JIᵀ Q̃_J, R_I −= K̂_I ⊙ (dA_JIᵀ Q̃_J)
+    k_hat = tl.load(k_sub + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+    dk_I = tl.zeros([c, BK], dtype=tl.float32)
+    for J in range(I + 1, C // c):
+        q_JI, _ = _decayed_queries(q, beta, i_c, J, I, d_k, T, H, K, C, c, BK)
+        valid_J = ((i_c * C + J * c + rows_c) < T)[:, None]
+        dA_JI = tl.load(dA + J * c * C + I * c + block, mask=valid_J, other=0.0)
+        dk_I += _mm(tl.trans(dA_JI), q_JI, q, DOT_PRECISION, EMULATE_BF16)    # Σ_r dA_rs q̃_r
+    R_I -= k_hat * dk_I
+    # e^{γ_I}, from I's own gates: γ_r = g_{r+1} + … + g_e(r)
+    g_next = tl.load(g + tile_I + H * K, mask=((rows_c + 1 < c) & (t_I + 1 < T))[:, None], other=0.0)
+    dk_I *= tl.exp(tl.cumsum(g_next.to(tl.float32), axis=0, reverse=True))
+
+    # the diagonal block, key row s by key row from the last, as step 4: P_rs = dA_rs e^{window_r}
+    # (s ≤ r) gives dQ^intra_r += P_rs k_s and dK^intra_s += Σ_r P_rs q_r, and R both, in fp32
+    q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+    k_I = tl.load(k + tile_I, mask=valid_I, other=0.0).to(tl.float32)
+    dq_diag = tl.zeros([c, BK], dtype=tl.float32)
+    dk_diag = tl.zeros([c, BK], dtype=tl.float32)
+    window = tl.zeros([c, BK], dtype=tl.float32)
+    for j in range(c):
+        s = c - 1 - j
+        t_s = i_c * C + I * c + s
+        k_s = tl.load(k + t_s * (H * K) + d_k, mask=_in_sequence(t_s, T, d_k), other=0.0).to(tl.float32)
+        window, decay = _diagonal_step(window, g, t_s, s, rows_c, d_k, T, H, K)
+        dA_s = tl.load(dA + (I * c + rows_c) * C + I * c + s, mask=t_I < T, other=0.0)   # dA[r, s]
+        P = dA_s[:, None] * decay                                                      # [c, BK]
+        dq_diag += P * k_s[None, :]
+        dk_diag += tl.where((rows_c == s)[:, None], tl.sum(P * q_I, axis=0)[None, :], 0.0)
+    R_I += q_I * dq_diag - k_I * dk_diag                                               # the same pair terms
+    tl.store(_head(dq_intra, i_b, i_h, T, H, K) + tile_I, dq_I + dq_diag, mask=valid_I)
+    tl.store(_head(dk_intra, i_b, i_h, T, H, K) + tile_I, dk_I + dk_diag, mask=valid_I)
+    tl.store(_head(R_intra, i_b, i_h, T, H, K) + tile_I, R_I, mask=valid_I)
+
+
+@triton.autotune(
+    configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=st)
+             for bk, bv, w, st in ([(16, 16, 4, 1)] if _INTERPRETED else
+                                   [(16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2),
+                                    (32, 32, 8, 3)])],
+    key=["K", "V", "C"],
+    prune_configs_by={"early_config_prune": _tiles_that_fit},
 )
 @triton.jit
 def _chunk_grad_kernel(
-    q, k, v, g, beta,     # q, k, g [B, T, H, K]; v [B, T, H, V]; β [B, T, H, K] fp32
+    q, k, v, g,           # q, k, g [B, T, H, K]; v [B, T, H, V]
     h, dh, do,            # h [B, H, NT, K, V] fp32: S_[i];  dh: dS_[i+1];  dO [B, T, H, V]
+    dq_intra, dk_intra, R_intra,  # kernel 4b's sums [B, T, H, K] fp32
     dq, dk, dg,           # out: dq, dk [B, T, H, K] in the input dtype; dg [B, T, H, K] fp32
     scale, T, NT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, c: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
-    """The BK columns of dq, dk and dg of one chunk (steps 8-9).  dA is a sum over all V, formed
-    here by every K tile's program (a C×C×V product, cheap beside the rest)."""
-    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """The BK columns of dq, dk and dg of one chunk (steps 8-9): the state parts, summed over the V
+    tiles, plus kernel 4b's intra-chunk parts, then the cumsums of step 9."""
+    i_c, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    rows = tl.arange(0, C)                        # query position r inside chunk i_c ...
-    cols = tl.arange(0, C)                        # ... and key position s
-    sub = rows // c                               # the sub-chunk of each row
+    rows = tl.arange(0, C)
     t = i_c * C + rows
-    valid = t < T
+    valid = (t < T)[:, None]
     d_k = i_k * BK + tl.arange(0, BK)
-
-    q, k, g, beta = (_head(q, i_b, i_h, T, H, K), _head(k, i_b, i_h, T, H, K),
-                     _head(g, i_b, i_h, T, H, K), _head(beta, i_b, i_h, T, H, K))
-    dq, dk, dg = _head(dq, i_b, i_h, T, H, K), _head(dk, i_b, i_h, T, H, K), _head(dg, i_b, i_h, T, H, K)
     v, do = _head(v, i_b, i_h, T, H, V), _head(do, i_b, i_h, T, H, V)
     h += (i_bh.to(tl.int64) * NT + i_c) * K * V   # S_[i_c]
     dh += (i_bh.to(tl.int64) * NT + i_c) * K * V  # dS' = dS_[i_c + 1]
 
-    # the score gradient dA_rs = scale · do_r·v_s (s ≤ r); and the state parts of step 8,
-    # dO S_[i]ᵀ and V dS'ᵀ, with diag(dS' S_[i]ᵀ) for step 9 — all sums over the V tiles
-    dA = tl.zeros([C, C], dtype=tl.float32)
+    # the state parts of step 8, dO S_[i]ᵀ and V dS'ᵀ, and diag(dS' S_[i]ᵀ) for step 9: sums over V
     dq_i = tl.zeros([C, BK], dtype=tl.float32)
     dk_i = tl.zeros([C, BK], dtype=tl.float32)
     dS_S = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(V // BV):
         d_v = i_v * BV + tl.arange(0, BV)
         tile_v = t[:, None] * (H * V) + d_v[None, :]
-        do_i = tl.load(do + tile_v, mask=valid[:, None], other=0.0)
-        v_i = tl.load(v + tile_v, mask=valid[:, None], other=0.0)
+        do_i = tl.load(do + tile_v, mask=valid, other=0.0)
+        v_i = tl.load(v + tile_v, mask=valid, other=0.0)
         S = tl.load(h + d_k[:, None] * V + d_v[None, :])
         dS = tl.load(dh + d_k[:, None] * V + d_v[None, :])
-        dA += _mm(do_i, tl.trans(v_i), q, DOT_PRECISION, EMULATE_BF16)
-        dq_i += _mm(do_i, tl.trans(S), q, DOT_PRECISION, EMULATE_BF16)
-        dk_i += _mm(v_i, tl.trans(dS), q, DOT_PRECISION, EMULATE_BF16)
+        dq_i += _mm(do_i, tl.trans(S), do, DOT_PRECISION, EMULATE_BF16)
+        dk_i += _mm(v_i, tl.trans(dS), do, DOT_PRECISION, EMULATE_BF16)
         dS_S += tl.sum(dS * S, axis=1)
-    dA = tl.where((cols[None, :] <= rows[:, None]) & valid[:, None], scale * dA, 0.0)
 
+    # step 9: dg_t = Σ_{s ≥ t} (q ⊙ dq^inter + R)_s + Σ_{j < t} k_j ⊙ dk^inter_j + e^{b_C} ⊙ diag(dS' S_[i]ᵀ),
+    # with dq^inter = scale·e^{b} ⊙ (dO S_[i]ᵀ) and dk^inter = e^{b_C − b} ⊙ (V dS'ᵀ); b and b_C − b as
+    # in kernel 1a.  The dq half first, then the dk half, so that few [C, BK] tiles are live at once.
     tile_k = t[:, None] * (H * K) + d_k[None, :]
-    q_i = tl.load(q + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-    k_i = tl.load(k + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-    g_i = tl.load(g + tile_k, mask=valid[:, None], other=0.0).to(tl.float32)
-    b_i = tl.cumsum(g_i, axis=0)
-    b_C = tl.sum(g_i, axis=0)                                                 # [BK]
-    beta_i = tl.load(beta + tile_k, mask=valid[:, None], other=0.0)
+    g = _head(g, i_b, i_h, T, H, K)
+    g_i = tl.load(g + tile_k, mask=valid, other=0.0).to(tl.float32)
+    dq_i = scale * tl.exp(tl.cumsum(g_i, axis=0)) * dq_i
+    q_i = tl.load(_head(q, i_b, i_h, T, H, K) + tile_k, mask=valid, other=0.0).to(tl.float32)
+    R = q_i * dq_i + tl.load(_head(R_intra, i_b, i_h, T, H, K) + tile_k, mask=valid, other=0.0)
+    dg_i = tl.cumsum(R, axis=0, reverse=True) + (tl.exp(tl.sum(g_i, axis=0)) * dS_S)[None, :]
+    dq_i += tl.load(_head(dq_intra, i_b, i_h, T, H, K) + tile_k, mask=valid, other=0.0)
+    _store_rounded(_head(dq, i_b, i_h, T, H, K), tile_k, dq_i, valid, EMULATE_BF16)
 
-    # step 8, state parts: dq^inter = scale·e^{b} ⊙ (dO S_[i]ᵀ),  dk^inter = e^{b_C − b} ⊙ (V dS'ᵀ)
-    dq_i = scale * tl.exp(b_i) * dq_i                                         # exponent b ≤ 0
-    dk_i = tl.exp(tl.cumsum(g_i, axis=0, reverse=True) - g_i) * dk_i          # b_C − b, from the end
-    # step 9's fp32 sums: R = q ⊙ dq^inter + (q ⊙ dQ^intra − k ⊙ dK^intra), and k ⊙ dk^inter
-    R = q_i * dq_i
-    k_dk_inter = k_i * dk_i
-
-    # off-diagonal sub-blocks: for query sub-chunk I, the operands of step 3 give
-    # dQ^intra_I += e^{b_I − b_ref} ⊙ (dA_I K̃),  dK^intra_{<I} += e^{b_ref − b_{<I}} ⊙ (dA_Iᵀ Q̃_I)
-    for I in range(1, C // c):
-        q_fac, k_fac = _sub_chunk_factors(b_i, beta_i, beta, I, i_c, d_k, rows, valid, T, H, K, C, c)
-        q_I = _as_input_dtype(q_i * q_fac, q, EMULATE_BF16)                      # Q̃_I, rounded once
-        k_I = _as_input_dtype(k_i * k_fac, q, EMULATE_BF16)                      # K̃_{<I}
-        dA_I = tl.where((sub[:, None] == I) & (cols[None, :] < I * c), dA, 0.0)
-        dq_I = _mm(dA_I, k_I, q, DOT_PRECISION, EMULATE_BF16)                    # [C, BK], rows of I
-        dk_I = _mm(tl.trans(dA_I), q_I, q, DOT_PRECISION, EMULATE_BF16)          # [C, BK], rows < I·c
-        dq_i += q_fac * dq_I
-        dk_i += k_fac * dk_I
-        R += q_I.to(tl.float32) * dq_I - k_I.to(tl.float32) * dk_I               # the same pair terms
-
-    # diagonal sub-blocks, pairwise in fp32, one sub-chunk I at a time on a [c, c, BK] tile indexed
-    # (r, s, d): P_rsd = dA_rs e^{β_rd − β_sd} for s ≤ r (masked before exp, the exponent clamped to
-    # ≤ 0 as in step 4), and dQ^intra_r += Σ_s P_rs ⊙ k_s, dK^intra_s += Σ_r P_rs ⊙ q_r share it.  The
-    # block's dA_II = scale · dO_I V_Iᵀ is formed again from the c rows (cache hits; the C×C dA above
-    # cannot be indexed by sub-chunk in registers), and the results are added to the sub-chunk's rows
-    # of dq, dk and R, viewed as [C/c, c, BK] (sub-chunk, row in it, channel) for the loop.
-    rows_c = tl.arange(0, c)
-    s_le_r = rows_c[None, :] <= rows_c[:, None]
-    sub_chunk = tl.arange(0, C // c)[:, None, None]
-    dq_i = tl.reshape(dq_i, [C // c, c, BK])
-    dk_i = tl.reshape(dk_i, [C // c, c, BK])
-    R = tl.reshape(R, [C // c, c, BK])
-    for I in range(C // c):
-        t_I = i_c * C + I * c + rows_c
-        valid_I = (t_I < T)[:, None]
-        tile_I = t_I[:, None] * (H * K) + d_k[None, :]
-        q_I = tl.load(q + tile_I, mask=valid_I, other=0.0).to(tl.float32)
-        k_I = tl.load(k + tile_I, mask=valid_I, other=0.0).to(tl.float32)
-        beta_I = tl.load(beta + tile_I, mask=valid_I, other=0.0)
-        dA_II = tl.zeros([c, c], dtype=tl.float32)
-        for i_v in range(V // BV):
-            tile_v = t_I[:, None] * (H * V) + (i_v * BV + tl.arange(0, BV))[None, :]
-            do_I = tl.load(do + tile_v, mask=valid_I, other=0.0)
-            v_I = tl.load(v + tile_v, mask=valid_I, other=0.0)
-            dA_II += _mm(do_I, tl.trans(v_I), q, DOT_PRECISION, EMULATE_BF16)
-        pair = (s_le_r & valid_I)[:, :, None]                                    # (then s is valid too)
-        exponent = tl.minimum(beta_I[:, None, :] - beta_I[None, :, :], 0.0)
-        P = scale * dA_II[:, :, None] * tl.exp(tl.where(pair, exponent, float("-inf")))   # [c, c, BK]
-        dq_I = tl.sum(P * k_I[None, :, :], axis=1)                               # Σ_s, [c, BK]
-        dk_I = tl.sum(P * q_I[:, None, :], axis=0)                               # Σ_r, [c, BK]
-        in_I = sub_chunk == I
-        dq_i += tl.where(in_I, dq_I[None, :, :], 0.0)
-        dk_i += tl.where(in_I, dk_I[None, :, :], 0.0)
-        R += tl.where(in_I, (q_I * dq_I - k_I * dk_I)[None, :, :], 0.0)       # the same pair terms
-    dq_i = tl.reshape(dq_i, [C, BK])
-    dk_i = tl.reshape(dk_i, [C, BK])
-    R = tl.reshape(R, [C, BK])
-
-    # step 9: dg_t = Σ_{s ≥ t} R_s + Σ_{j < t} k_j ⊙ dk^inter_j + e^{b_C} ⊙ diag(dS' S_[i]ᵀ)
-    dg_i = (tl.cumsum(R, axis=0, reverse=True) + tl.cumsum(k_dk_inter, axis=0) - k_dk_inter
-            + (tl.exp(b_C) * dS_S)[None, :])
-    tl.store(dg + tile_k, dg_i, mask=valid[:, None])
-    _store_rounded(dq, tile_k, dq_i, valid[:, None], EMULATE_BF16)
-    _store_rounded(dk, tile_k, dk_i, valid[:, None], EMULATE_BF16)
+    g_next = tl.load(g + tile_k + H * K, mask=((rows + 1 < C) & (t + 1 < T))[:, None], other=0.0).to(tl.float32)
+    dk_i = tl.exp(tl.cumsum(g_next, axis=0, reverse=True)) * dk_i
+    k_dk_inter = tl.load(_head(k, i_b, i_h, T, H, K) + tile_k, mask=valid, other=0.0).to(tl.float32) * dk_i
+    dg_i += tl.cumsum(k_dk_inter, axis=0) - k_dk_inter
+    tl.store(_head(dg, i_b, i_h, T, H, K) + tile_k, dg_i, mask=valid)
+    dk_i += tl.load(_head(dk_intra, i_b, i_h, T, H, K) + tile_k, mask=valid, other=0.0)
+    _store_rounded(_head(dk, i_b, i_h, T, H, K), tile_k, dk_i, valid, EMULATE_BF16)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -657,9 +718,9 @@ def _launch_options(q):
     return dict(DOT_PRECISION=precision, EMULATE_BF16=emulate_bf16)
 
 
-def _key_tile(K, kernel="states"):
-    """BK: 16 on the CPU (small tests still tile K); on a GPU 64, or 32 for the gradient kernel."""
-    return 16 if _INTERPRETED else min(32 if kernel == "grad" else 64, K)
+def _key_tile(K):
+    """BK of kernels 2 and 3: 16 on the CPU (small tests still tile K), min(64, K) on a GPU."""
+    return 16 if _INTERPRETED else min(64, K)
 
 
 def _operand_dtype(q):
@@ -750,29 +811,37 @@ def _forward(q, k, v, g, scale, h0, output_final_state, chunk_size):
 
 def _backward(q, k, v, g, A, scale, h0, chunk_size, do, dht):
     """Kernel 1a again (β and the decayed operands; A is the forward's), kernel 2 (the states S_[i],
-    fp32), kernel 2 REVERSE (step 6: dS_[i+1] and dS_[0]), kernel 4 (steps 8-9: dq, dk, dg), kernel 3
-    transposed (step 7: dv).  Returns dq, dk, dv (input dtype), dg (fp32), d initial_state (fp32, or None).
+    fp32), kernel 2 REVERSE (step 6: dS_[i+1] and dS_[0]), kernels 4a-4c (steps 8-9: dA, then the
+    intra parts of dq and dk with their R, then dq, dk, dg), kernel 3 transposed (step 7: dv).  Returns
+    dq, dk, dv (input dtype), dg (fp32), d initial_state (fp32, or None).
 
     HBM traffic beyond the inputs: kernel 1a's outputs, the states and their gradients (fp32, each
-    written once); dA never leaves the chip.
+    written once), dA (C per token and head) and kernel 4b's three sums (fp32, K per token and head
+    each), each written once and read by the next kernel.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    beta, q_dec, k_dec, _, decay_C = _gates(q, k, g, chunk_size)
+    beta, q_dec, k_dec, k_sub, decay_C = _gates(q, k, g, chunk_size)
     h = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(h0) if h0 is not None else None
     _states(k_dec, v, decay_C, h, h0, None, scale=1.0, chunk_size=chunk_size, reverse=False)
     _states(q_dec, do, decay_C, dh, dht, dh0, scale=scale, chunk_size=chunk_size, reverse=True)
 
+    options = _launch_options(q)
+    dA = torch.empty(B, H, T, chunk_size, device=q.device, dtype=torch.float32)
+    _chunk_score_grad_kernel[(NT, B * H)](do, v, dA, scale, T, H=H, V=V, C=chunk_size, **options)
+    dq_intra, dk_intra, R_intra = (torch.empty(B, T, H, K, device=q.device, dtype=torch.float32) for _ in range(3))
+    _chunk_intra_grad_kernel[lambda meta: (NT * (chunk_size // SUB_CHUNK), K // meta["BK"], B * H)](
+        q, k, g, beta, k_sub, dA, dq_intra, dk_intra, R_intra, T,
+        H=H, K=K, C=chunk_size, c=SUB_CHUNK, **options,
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
-    BK = _key_tile(K, "grad")
-    _chunk_grad_kernel[(K // BK, NT, B * H)](
-        q, k, v, g, beta, h, dh, do, dq, dk, dg, scale, T, NT,
-        H=H, K=K, V=V, C=chunk_size, c=SUB_CHUNK, BK=BK, BV=16 if _INTERPRETED else min(64, V),
-        **_launch_options(q),
+    _chunk_grad_kernel[lambda meta: (NT, K // meta["BK"], B * H)](
+        q, k, v, g, h, dh, do, dq_intra, dk_intra, R_intra, dq, dk, dg, scale, T, NT,
+        H=H, K=K, V=V, C=chunk_size, **options,
     )
     _output(k_dec, A, dh, do, dv, state_scale=1.0, score_scale=scale, transpose_A=True)
     return dq, dk, dv, dg, dh0
@@ -780,7 +849,7 @@ def _backward(q, k, v, g, A, scale, h0, chunk_size, do, dht):
 
 class _GLAChunked(torch.autograd.Function):
     """Forward: kernels 1a-1c, 2 and 3, saving A.  Backward: kernel 1a, kernel 2 twice (the states,
-    then their gradients), kernel 4 (dq, dk, dg) and kernel 3 transposed (dv)."""
+    then their gradients), kernels 4a-4c (dq, dk, dg) and kernel 3 transposed (dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, chunk_size):
