@@ -118,20 +118,6 @@ def test_sequential_fp32_bounds_cover_a_long_recurrence_and_stay_tight_for_short
 # Decays at their edges: a reset (−inf) and single steps far below the others, in every form
 # ------------------------------------------------------------------------------------------------
 
-#: Measured on the Triton interpreter (fp32, T = 40, chunk 16) when these tests were written: the
-#: kernels that still take a difference of two cumulative sums or multiply 0 by −inf.  strict: a fix
-#: turns the expected failure into a failure, so that the mark is removed with it.
-KERNEL_DECAY_XFAIL = {
-    ("ssd", -math.inf, 16): "scalar-decay kernel: output rel. RMS 3.9e-01 (A = −inf beside a Δ = 0 token)",
-    ("ssd", -math.inf, 21): "scalar-decay kernel: output rel. RMS 2.5e-01 (A = −inf beside a Δ = 0 token)",
-    ("ssd", -1e4, 16): "scalar-decay kernel: output rel. RMS 7.7e-05 (difference of cumulative sums)",
-    ("ssd", -1e4, 21): "scalar-decay kernel: output rel. RMS 2.7e-04 (difference of cumulative sums)",
-    ("ssd", -1e6, 16): "scalar-decay kernel: output rel. RMS 1.2e-02 (difference of cumulative sums)",
-    ("ssd", -1e6, 21): "scalar-decay kernel: output rel. RMS 1.9e-02 (difference of cumulative sums)",
-    ("retnet", -math.inf, 16): "scalar-decay kernel: output rel. RMS 7.9e-01 (log γ = −inf)",
-    ("retnet", -math.inf, 21): "scalar-decay kernel: output rel. RMS 5.9e-01 (log γ = −inf)",
-}
-
 EDGE_SIZES = dict(batch=1, length=40, heads=2, key_dim=16, value_dim=16, dtype=torch.float32, initial_state=True)
 EDGE_FORMS = ["recurrent", "parallel", "chunked", "matrix",
               pytest.param("kernel", marks=pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot be imported"))]
@@ -144,9 +130,6 @@ def edge_cases():
             for value in (-math.inf, -1e4, -1e6):
                 for token in (16, 21):                    # a chunk's first token, and one inside it
                     marks = list(form.marks) if not isinstance(form, str) else []
-                    why = KERNEL_DECAY_XFAIL.get((name, value, token)) if form_name == "kernel" else None
-                    if why:
-                        marks.append(pytest.mark.xfail(strict=True, reason=why))
                     yield pytest.param(name, form_name, value, token, marks=marks,
                                        id=f"{name}-{form_name}-{value:g}-t{token}")
 

@@ -27,9 +27,13 @@ and the output is the sum of four steps (math.md §1.2, same names):
 
     o = O_diag + O_off + D ∘ V,   final_state = H_{last}.
 
-Every exponent is ≤ 0 by construction (Λ decreases along the chunk); the kernels clamp it anyway,
-exp(min(x, 0)), and mask with ``tl.where`` *after* the exp, so a masked or padded entry can never
-become exp(+large) = inf (math.md §7, items 2 and 4).
+Every exponent is formed as the sum of its own window of log-decays, never as a difference such as
+Λ_i − Λ_j: Λ_i − Λ_j = l_{j+1} + … + l_i and Λ_last − Λ_j = l_{j+1} + … + l_last (``_chunk_log_decay``,
+``_decay_mask``).  A sum of non-positive numbers is ≤ 0 exactly, so no exponent can become
+exp(+large) = inf; a single very negative step (l = −10⁴) costs no digits of the others' decays, as a
+difference of two sums near −10⁴ would (ulp 10⁻³); and a reset, l = −∞, gives decay 0 across it and
+leaves every window that does not contain it untouched, where a difference would give −∞ + ∞ = NaN.
+Masks are applied with ``tl.where`` after the exp.
 
 Forward pass, two kernels:
 
@@ -132,34 +136,54 @@ def _configs(*warps_stages):
 
 @triton.jit
 def _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT: tl.constexpr, HAS_DT: tl.constexpr):
-    """Λ (chunk-local cumulative log-decay, fp32 [BT]), Λ_last (its value at the chunk's end) and w [BT].
+    """The decays of one chunk, every exponent a sum over its own window of log-decays l ≤ 0:
 
-    l_t = Δ_t · log_decay[h] and w_t = Δ_t when ``HAS_DT``; otherwise l_t = log_decay[h] and w_t = 1.
-    Rows past T get l = 0 and w = 0, so Λ stays flat there and Λ[BT−1] is the true chunk total.
-    A constant decay (RetNet) needs no scan: Λ_i = (i + 1) · log γ, one product per row, which is
-    also exact to one rounding where a running sum would round at every step.
+        Λ_i    = Σ_{s ≤ i} l_s     (chunk start → row i)        ``lam``      [BT]
+        rest_j = Σ_{s > j} l_s     (row j → chunk end)          ``rest``     [BT]
+        Λ_last = Σ_s l_s           (the whole chunk)            ``lam_last``
+
+    and w [BT], l [BT] and log_decay[h] for ``_decay_mask``.  l_t = Δ_t · log_decay[h] and w_t = Δ_t
+    when ``HAS_DT``; otherwise l_t = log_decay[h] and w_t = 1.  Rows past T get l = 0 and w = 0.
+
+    Never a difference of two sums: after one step of l = −10⁴ both Λ_i and Λ_j are near −10⁴ and
+    Λ_i − Λ_j would keep only 3 of its digits (ulp(10⁴) ≈ 10⁻³), and after a reset, l = −∞, it
+    would be −∞ + ∞ = NaN.  Sums of non-positive numbers are ≤ 0 exactly, so no exponent needs a
+    clamp, and −∞ stays −∞ (decay 0).  A zero step Δ_t = 0 decays by e⁰ = 1 whatever log_decay is.
+    A constant decay (RetNet) needs no scan: each sum is a count times log γ (0 for an empty count).
     """
     i = tl.arange(0, BT)
     valid = t0 + i < T
     a = tl.load(log_decay_ptr + h).to(tl.float32)
     if HAS_DT:
         w = tl.load(dt_ptr + (b * T + t0 + i) * H + h, mask=valid, other=0.0).to(tl.float32)
-        lam = tl.cumsum(w * a, axis=0)
-        lam_last = tl.sum(tl.where(i == BT - 1, lam, 0.0), axis=0)
+        l = tl.where(w > 0, w * a, 0.0)
+        next_valid = (i + 1 < BT) & (t0 + i + 1 < T)
+        w_next = tl.load(dt_ptr + (b * T + t0 + i + 1) * H + h, mask=next_valid, other=0.0).to(tl.float32)
+        lam = tl.cumsum(l, axis=0)
+        rest = tl.cumsum(tl.where(w_next > 0, w_next * a, 0.0), axis=0, reverse=True)
+        lam_last = tl.sum(l, axis=0)
     else:
         n_valid = tl.minimum(T - t0, BT)
         w = tl.where(valid, 1.0, 0.0)
+        l = tl.where(valid, a, 0.0)
         lam = (tl.minimum(i, n_valid - 1) + 1).to(tl.float32) * a
+        after = n_valid - 1 - i
+        rest = tl.where(after > 0, after.to(tl.float32) * a, 0.0)
         lam_last = n_valid.to(tl.float32) * a
-    return lam, lam_last, w
+    return lam, rest, lam_last, w, l, a
 
 
 @triton.jit
-def _decay_mask(lam, BT: tl.constexpr):
-    """L_ij = exp(Λ_i − Λ_j) for i ≥ j, 0 above the diagonal: clamp the exponent, exp, then mask."""
+def _decay_mask(l, a, BT: tl.constexpr, HAS_DT: tl.constexpr):
+    """L_ij = exp(Σ_{j<s≤i} l_s) for i ≥ j, 0 above the diagonal: the window sums of a running
+    cumsum down the masked [BT, BT] tile of l (rows s, columns j, kept where s > j), or for a
+    constant decay (i − j) · log γ; the diagonal is e⁰ = 1 even for log γ = −∞."""
     i = tl.arange(0, BT)
-    causal = i[:, None] >= i[None, :]
-    return tl.where(causal, tl.exp(tl.minimum(lam[:, None] - lam[None, :], 0.0)), 0.0)
+    if HAS_DT:
+        window = tl.cumsum(tl.where(i[:, None] > i[None, :], l[:, None], 0.0), axis=0)
+    else:
+        window = tl.where(i[:, None] > i[None, :], (i[:, None] - i[None, :]).to(tl.float32) * a, 0.0)
+    return tl.where(i[:, None] >= i[None, :], tl.exp(window), 0.0)
 
 
 @triton.jit
@@ -260,16 +284,16 @@ def _chunk_states_kernel(
         t0 = n * BT
         _store_tile(states_ptr + (state_base * NT + n * K * V), state, k0, v0, K, V, BK, BV)
 
-        lam, lam_last, w = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
+        lam, rest, lam_last, w, _, _ = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
         if REVERSE:
-            f = scale * tl.exp(tl.minimum(lam, 0.0))
+            f = scale * tl.exp(lam)
         else:
-            f = w * tl.exp(tl.minimum(lam_last - lam, 0.0))
+            f = w * tl.exp(rest)
         xT = _tile_t(x_base, t0, k0, T, G * K, BT, BK)          # BK×BT; rows past T read as 0
         y = _tile(y_base, t0, v0, T, H * V, BT, BV)             # BT×BV
         # 2. chunk state S_n = xᵀ (f ∘ y);  3. state passing H_n = exp(Λ_last) H_{n−1} + S_n
         y_weighted = _cast(y.to(tl.float32) * f[:, None], y.dtype)
-        state = tl.exp(tl.minimum(lam_last, 0.0)) * state + _dot(xT, y_weighted, DOT_PRECISION)
+        state = tl.exp(lam_last) * state + _dot(xT, y_weighted, DOT_PRECISION)
 
     if STORE_LAST:
         _store_tile(last_ptr + state_base, state, k0, v0, K, V, BK, BV)
@@ -325,11 +349,11 @@ def _chunk_output_kernel(
             h_prev = _tile(h_base, i_k * BK, v0, K, V, BK, BV)
             o_off += _dot(q, h_prev, DOT_PRECISION)
 
-        lam, lam_last, w = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
+        lam, _, _, w, l, a = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
         # 4. state -> output: row i of Q H_{n-1} decays by exp(Λ_i) from the chunk's start
-        o_off = o_off * tl.exp(tl.minimum(lam, 0.0))[:, None]
+        o_off = o_off * tl.exp(lam)[:, None]
         # 1. diagonal block: the masked, weighted scores times the values
-        head_scores = scores * _decay_mask(lam, BT) * w[None, :]
+        head_scores = scores * _decay_mask(l, a, BT, HAS_DT) * w[None, :]
         v = _tile(v_ptr + v_base, t0, v0, T, H * V, BT, BV)
         o_diag = _dot(_cast(head_scores, v.dtype), v, DOT_PRECISION)
 
@@ -408,15 +432,15 @@ def _chunk_grad_kernel(
         vT = _tile_t(v_ptr + v_base, t0, i_v * BV, T, H * V, BT, BV)
         dP += _dot(do, vT, DOT_PRECISION)
 
-    lam, lam_last, w = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
-    L = _decay_mask(lam, BT)
+    lam, rest, lam_last, w, l, a = _chunk_log_decay(dt_ptr, log_decay_ptr, b, h, t0, T, H, BT, HAS_DT)
+    L = _decay_mask(l, a, BT, HAS_DT)
     dA = scale * dP * L
     # the three BT×BT matmul operands, rounded once to the input dtype
     A_t = _cast(tl.trans(scale * P * L), q_ptr.dtype.element_ty)
     dA_w = _cast(dA * w[None, :], q_ptr.dtype.element_ty)
     dA_t = _cast(tl.trans(dA), q_ptr.dtype.element_ty)
-    to_start = tl.exp(tl.minimum(lam, 0.0))                # exp(Λ_i): from the chunk's start to row i
-    to_end = tl.exp(tl.minimum(lam_last - lam, 0.0))       # exp(Λ_last − Λ_j): from row j to the chunk's end
+    to_start = tl.exp(lam)                                 # exp(Λ_i): from the chunk's start to row i
+    to_end = tl.exp(rest)                                  # exp(Λ_last − Λ_j): from row j to the chunk's end
 
     # dv, one V tile at a time
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -478,7 +502,7 @@ def _chunk_grad_kernel(
     if DECAY_GRAD:
         # dL/dl_t = Σ_{i ≥ t in the chunk} dL/dΛ_i, with dL/dΛ_i = r_i and, for the chunk's last
         # row, also ⟨dH_n, H_n⟩ = exp(Λ_last) ⟨dH_n, H_{n−1}⟩ + Σ_j k_j·(the dH_n part of dk_j)
-        h_n_dh_n = (tl.exp(tl.minimum(lam_last, 0.0)) * tl.sum(h_dh, axis=0)
+        h_n_dh_n = (tl.exp(lam_last) * tl.sum(h_dh, axis=0)
                     + tl.sum(k_dk_state_total, axis=0))
         dl = tl.cumsum(r, axis=0, reverse=True) + h_n_dh_n
         rows = t0 + tl.arange(0, BT)
