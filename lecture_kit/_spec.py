@@ -99,8 +99,10 @@ class MixerSpec:
     kernel_names: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        object.__setattr__(self, "Inputs", namedtuple(f"{self.title.replace('-', '')}Inputs",
-                                                      [a.name for a in self.inputs]))
+        inputs = namedtuple(f"{self.title.replace('-', '')}Inputs", [a.name for a in self.inputs])
+        inputs.__doc__ = (f"The positional inputs of lecture_kit.{self.name}'s forms: "
+                          + ", ".join(f"{a.name} [{a.dims}]" for a in self.inputs) + ".")
+        object.__setattr__(self, "Inputs", inputs)
 
     # ---- names ----
 
@@ -120,6 +122,16 @@ class MixerSpec:
     def positional(self, form: str) -> tuple[Arg, ...]:
         """The positional inputs of ``form``: ``matrix`` takes all but the values."""
         return tuple(a for a in self.inputs if form != "matrix" or a.name != self.values)
+
+    def values_of(self, inputs) -> torch.Tensor:
+        """The input that ``matrix`` multiplies (x for SSD, v for the others), from the positional
+        inputs ``inputs``, in order."""
+        return inputs[[a.name for a in self.inputs].index(self.values)]
+
+    def matrix_args(self, inputs) -> tuple:
+        """The positional arguments of ``matrix``: ``inputs`` without the values."""
+        i = [a.name for a in self.inputs].index(self.values)
+        return tuple(inputs[:i]) + tuple(inputs[i + 1:])
 
     def parameters(self, form: str) -> list[str]:
         """Every parameter of ``form``, in its signature's order."""

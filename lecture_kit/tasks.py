@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
-from .blocks import _positive_int
+from ._validate import positive_int as _positive_int
 
 #: The target of a position that is not scored (``cross_entropy``'s default ``ignore_index``).
 IGNORE = -100

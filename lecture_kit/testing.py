@@ -181,20 +181,18 @@ def with_log_decay(name: str, args: tuple, value: float, token: int) -> tuple:
             args[step][:, token, 0] = 0.0
         else:
             args[step][:, token, 0] = value / args[i][0]
-            values = _position(s, s.values)
-            args[values][:, token, 0] /= args[step][:, token, 0, None]
+            s.values_of(args)[:, token, 0] /= args[step][:, token, 0, None]
     return tuple(args)
 
 
 def values_of(name: str, args):
     """The argument that ``matrix`` multiplies: x for SSD, v for the others."""
-    return args[_position(spec(name), spec(name).values)]
+    return spec(name).values_of(args)
 
 
 def matrix_args(name: str, args):
     """The positional arguments of ``matrix``: the mixer's inputs without the values."""
-    i = _position(spec(name), spec(name).values)
-    return tuple(args[:i]) + tuple(args[i + 1:])
+    return spec(name).matrix_args(args)
 
 
 def assert_close(what: str, actual: torch.Tensor, reference: torch.Tensor, bounds) -> Errors:

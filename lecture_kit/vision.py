@@ -38,7 +38,8 @@ from torch import nn
 
 from . import ssd
 from ._validate import Signature, compute_dtype
-from .blocks import SSD, SSDInputs, _expect_sizes, _interval, _positive_int
+from ._validate import interval as _interval, positive_int as _positive_int
+from .blocks import SSD, SSDInputs
 
 #: The names of the four orders, in the order of ``scan_orders``' rows.
 DIRECTIONS = ("rows", "columns", "rows, reversed", "columns, reversed")
@@ -90,7 +91,7 @@ def cross_merge(y: torch.Tensor, orders: torch.Tensor, h: int, w: int) -> torch.
     if sig.sizes["L"] != h * w:
         raise sig.error(f"y must have L = h·w = {h * w} steps, got shape {tuple(y.shape)}")
     _check_orders(sig, orders, h * w)
-    _expect_sizes(sig, "y", y, K=orders.shape[0])
+    sig.expect("y", y, K=orders.shape[0])
     step = orders.argsort(dim=1)                               # π_k⁻¹: when each patch is visited
     on_grid = torch.gather(y, 1, step.T[None, :, :, None].expand_as(y))    # [B, L, K, C], patch order
     return on_grid.sum(dim=2).unflatten(1, (h, w))
@@ -139,7 +140,7 @@ class CrossScan2D(nn.Module):
         sig.tensor("u", u, "B h w d_model")
         if sig.sizes["h"] < 1 or sig.sizes["w"] < 1:
             raise sig.error(f"u must hold at least one patch (h, w >= 1), got shape {tuple(u.shape)}")
-        _expect_sizes(sig, "u", u, d_model=self.d_model)
+        sig.expect("u", u, d_model=self.d_model)
         weight = self.out_proj.weight
         if u.dtype != weight.dtype or u.device != weight.device:
             raise sig.error(f"u is {u.dtype} on {u.device} but the module's parameters are {weight.dtype} "

@@ -1,13 +1,16 @@
 """The Mamba-2 block and the tiny LM: shapes, the parametrisation of math.md §1.1, token-by-token
 inference equal to the parallel forward pass, gradients, argument checking, and the hidden attention
 being exactly the matrix the block's mixer multiplies by."""
+import ast
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lecture_kit.blocks import GatedRMSNorm, Mamba2Block, Mamba2Cache, TinyMamba2LM, seeded
+import lecture_kit
+from lecture_kit.blocks import GatedRMSNorm, HeadNorm, Mamba2Block, Mamba2Cache, TinyMamba2LM, seeded
 from lecture_kit.testing import TOLERANCE, errors
 
 D_MODEL = 16
@@ -506,3 +509,43 @@ def test_bad_lm_input_names_the_argument(name):
     _, caches = lm.prefill(tokens)
     raises_naming("caches", lambda: lm.step(tokens[:, 0], caches[:-1]))
     raises_naming("caches", lambda: lm.step(tokens[:, 0], caches[0]))
+
+
+# ---- edge cases: an empty batch, norms of the wrong width, the package's imports ----
+
+@pytest.mark.parametrize("name", [*LAYERS, "mamba2"])
+def test_an_empty_batch_gives_empty_results(name):
+    """B = 0 through forward, prefill, step and hidden_attention (Mamba2Block crashed in ssd.chunked)."""
+    m = block() if name == "mamba2" else layer(name)
+    u = inputs(0, 5, D_MODEL)
+    assert m(u).shape == (0, 5, D_MODEL)
+    out, cache = m.prefill(u)
+    assert out.shape == (0, 5, D_MODEL)
+    out_t, _ = m.step(u[:, 0], cache)
+    assert out_t.shape == (0, D_MODEL)
+    if hasattr(m, "hidden_attention"):
+        assert m.hidden_attention(u).shape[::2] == (0, 5)
+
+
+def test_norms_check_their_width_and_sizes():
+    raises_naming("y", lambda: HeadNorm(2, 4)(torch.randn(3, 7)))
+    raises_naming("y", lambda: HeadNorm(2, 4)(torch.randint(3, (3, 8))))
+    raises_naming("group_size", lambda: GatedRMSNorm(16, 0))           # was a ZeroDivisionError
+    raises_naming("dim", lambda: GatedRMSNorm(0, 4))
+    raises_naming("group_size", lambda: GatedRMSNorm(16, 5))
+    norm = GatedRMSNorm(8, 4)
+    raises_naming("y", lambda: norm(torch.randn(3, 7), torch.randn(3, 7)))
+    raises_naming("z", lambda: norm(torch.randn(3, 8), torch.randn(2, 8)))
+
+
+def test_no_module_imports_another_modules_private_names():
+    """Each module of lecture_kit keeps its private names to itself: the validators the layers, the
+    vision model and the tasks share are public (``lecture_kit._validate``, ``blocks/_validate.py``)."""
+    root = Path(lecture_kit.__file__).parent
+    private = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private += [f"{path.relative_to(root)}: {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, private
