@@ -168,6 +168,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compile import absent, present
+
 __all__ = ["rwkv7_chunked"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -821,6 +823,59 @@ class _RWKV7Chunked(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, dS_init, None, None, None
 
 
+# The same forward and backward as PyTorch operators, for torch.compile (kernels/_compile.py).
+
+@torch.library.custom_op("lecture_kit::rwkv7_forward", mutates_args=())
+def _forward_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
+                output_final_state: bool, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    S_init = None if initial_state is None else initial_state.float().contiguous()
+    o, S = _forward_triton(r, w, k, v, a, b, scale, S_init, output_final_state, chunk_size)
+    return o, absent(S, v)
+
+
+@_forward_op.register_fake
+def _(r, w, k, v, a, b, initial_state, scale, output_final_state, chunk_size):
+    B, _, H, K = r.shape
+    final = (v.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state
+             else v.new_empty(0))
+    return torch.empty_like(v), final
+
+
+@torch.library.custom_op("lecture_kit::rwkv7_backward", mutates_args=())
+def _backward_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, initial_state: torch.Tensor | None, do: torch.Tensor,
+                 dS: torch.Tensor | None, scale: float, chunk_size: int) -> list[torch.Tensor]:
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    S_init = None if initial_state is None else initial_state.float().contiguous()
+    grads = _backward_triton(r, w, k, v, a, b, scale, S_init, do, dS, chunk_size)
+    return [absent(g, v) for g in grads]
+
+
+@_backward_op.register_fake
+def _(r, w, k, v, a, b, initial_state, do, dS, scale, chunk_size):
+    return [torch.empty_like(x) for x in (r, w, k, v, a, b)] + [
+        v.new_empty(0) if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32)]
+
+
+def _setup_context(ctx, inputs, output):
+    r, w, k, v, a, b, initial_state, scale, output_final_state, chunk_size = inputs
+    ctx.save_for_backward(r, w, k, v, a, b, initial_state)
+    ctx.scale, ctx.chunk_size, ctx.output_final_state = scale, chunk_size, output_final_state
+
+
+def _backward_of_op(ctx, do, dS):
+    r, w, k, v, a, b, initial_state = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dS = dS.float().contiguous() if ctx.output_final_state and dS is not None else None
+    *grads, dS_init = _backward_op(r, w, k, v, a, b, initial_state, do, dS, ctx.scale, ctx.chunk_size)
+    return (*grads, present(dS_init, initial_state), None, None, None)
+
+
+_forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
+
+
 def rwkv7_chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False,
                   chunk_size=16, checked=None):
     """RWKV-7 generalised delta rule, chunkwise Triton kernel (see the module docstring for the math).
@@ -858,6 +913,10 @@ def rwkv7_chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_fin
         w = w.float()               # the kernel reads w in r's dtype or fp32; autograd casts dw back
     if initial_state is not None:
         initial_state = initial_state.float()
-    o, S = _RWKV7Chunked.apply(r, w, k, v, a, b, initial_state, float(scale), bool(output_final_state),
-                               chunk_size)
+    if torch.compiler.is_compiling():
+        o, S = _forward_op(r, w, k, v, a, b, initial_state, float(scale), bool(output_final_state),
+                           chunk_size)
+    else:
+        o, S = _RWKV7Chunked.apply(r, w, k, v, a, b, initial_state, float(scale),
+                                   bool(output_final_state), chunk_size)
     return o, (S if output_final_state else None)

@@ -94,6 +94,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .._validate import Signature  # noqa: E402
+from ._compile import absent, present  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(INTERPRETED)       # the same flag, readable inside the kernels
@@ -627,18 +628,8 @@ class _ScalarDecayChunked(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
-# The same forward and backward as PyTorch operators, for torch.compile
+# The same forward and backward as PyTorch operators, for torch.compile (kernels/_compile.py)
 # ------------------------------------------------------------------------------------------------
-#
-# torch.compile cannot trace into a Triton launch from Python (its autotuner and launcher are plain
-# Python objects), so under compilation the kernels run as two registered operators, opaque to the
-# compiler: a graph holding them compiles with fullgraph=True, and their gradient is the Triton
-# backward through ``register_autograd``.  Operators cannot return None, so an absent result is an
-# empty tensor.  Eager calls skip this layer (the dispatcher costs host time on every call).
-
-def _absent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0) if t is None else t
-
 
 @torch.library.custom_op("lecture_kit::scalar_decay_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
@@ -646,7 +637,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: to
                 scale: float, chunk_size: int, output_final_state: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     o, final = _forward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, output_final_state)
-    return o, _absent(final, log_decay)
+    return o, absent(final, log_decay)
 
 
 @_forward_op.register_fake
@@ -664,7 +655,7 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: t
                  decay_grad: bool) -> list[torch.Tensor]:
     grads = _backward(q, k, v, log_decay, dt, D, initial_state, scale, chunk_size, do, dfinal,
                       decay_grad)
-    return [_absent(g, log_decay) for g in grads]
+    return [absent(g, log_decay) for g in grads]
 
 
 @_backward_op.register_fake
@@ -690,7 +681,6 @@ def _backward_of_op(ctx, do, dfinal):
     dfinal = dfinal.float().contiguous() if ctx.output_final_state and dfinal is not None else None
     dq, dk, dv, dlog_decay, ddt, dD, dinitial = _backward_op(
         q, k, v, log_decay, dt, D, initial_state, do, dfinal, ctx.scale, ctx.chunk_size, decay_grad)
-    present = lambda g, x: g.to(x.dtype) if x is not None and g.numel() == x.numel() else None
     return (dq, dk, dv, present(dlog_decay, log_decay) if decay_grad else None,
             present(ddt, dt) if decay_grad else None, present(dD, D), present(dinitial, initial_state),
             None, None, None)
