@@ -208,33 +208,38 @@ def check_gradients(form, reference, args, kwargs=None, *, bounds, names=None, u
                     use_final_state=True, seed=8) -> None:
     """The gradients of ``form`` against those of ``reference`` run in fp64 on the same inputs.
 
-    Both are called as ``fn(*args, **kwargs, output_final_state=use_final_state)`` and return
-    (output, final state).  The loss is L = ⟨dO, o⟩ + ⟨dS, S_T⟩ with seeded random cotangents (either
-    term may be left out); its gradient is taken with respect to every tensor in ``args`` and in
-    ``kwargs`` (``names`` labels them in a failure, in that order).  Each gradient must have its
-    input's shape and dtype, be finite and lie within ``bounds`` of the reference's; a gradient the
-    reference finds unused must be zero.
+    Both are called as ``fn(*args, **kwargs, output_final_state=...)`` and return (output, final
+    state); ``reference`` always returns the state.  The loss is L = ⟨dO, o⟩ + ⟨dS, S_T⟩ with seeded
+    random cotangents, rounded to the dtypes of the outputs they meet (either term may be left out);
+    its gradient is taken with respect to every tensor in ``args`` and in ``kwargs`` (``names``
+    labels them in a failure, in that order).  Each gradient must have its input's shape and dtype,
+    be finite and lie within ``bounds`` of the reference's; a gradient the reference finds unused
+    must be zero.
     """
     kwargs = kwargs or {}
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    kw_leaves = {k: v.detach().clone().requires_grad_() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    options = {k: v for k, v in kwargs.items() if k not in kw_leaves}
-    inputs = leaves + list(kw_leaves.values())
-    names = names or [f"args[{i}]" for i in range(len(leaves))] + list(kw_leaves)
-    o, S = form(*leaves, **kw_leaves, **options, output_final_state=use_final_state)
-    gen = torch.Generator().manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    options = {k: v for k, v in kwargs.items() if k not in tensors}
+    inputs = [x.detach().clone().requires_grad_() for x in [*args, *tensors.values()]]
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    ref_o, ref_S = reference(*ref_inputs[:len(leaves)], **dict(zip(kw_leaves, ref_inputs[len(leaves):])),
-                             **options, output_final_state=True)
-    dS = torch.randn(ref_S.shape, generator=gen, dtype=torch.float64)
-    outs, seeds = ([o], [do]) if use_output else ([], [])
-    ref_outs, ref_seeds = ([ref_o], [do]) if use_output else ([], [])
+    names = names or [f"args[{i}]" for i in range(len(args))] + list(tensors)
+
+    def run(fn, xs, output_final_state):
+        return fn(*xs[:len(args)], **dict(zip(tensors, xs[len(args):])), **options,
+                  output_final_state=output_final_state)
+
+    o, S = run(form, inputs, use_final_state)
+    ref_o, ref_S = run(reference, ref_inputs, True)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype)
+    dS = torch.randn(ref_S.shape, generator=gen, dtype=torch.float64).to(ref_S.device)
+    outs, seeds, ref_outs = [], [], []
+    if use_output:
+        outs, seeds, ref_outs = [o], [do], [ref_o]
     if use_final_state:
-        outs, seeds, ref_outs, ref_seeds = outs + [S], seeds + [dS], ref_outs + [ref_S], ref_seeds + [dS]
-    seeds = [x.to(device=y.device, dtype=y.dtype) for x, y in zip(seeds, outs)]
+        dS = dS.to(S.dtype)
+        outs, seeds, ref_outs = outs + [S], seeds + [dS], ref_outs + [ref_S]
     grads = torch.autograd.grad(outs, inputs, seeds, allow_unused=True)
-    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [x.to(y.device) for x, y in zip(ref_seeds, ref_outs)],
+    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [x.double().to(y.device) for x, y in zip(seeds, ref_outs)],
                                     allow_unused=True)
     for name, x, gx, ref_gx in zip(names, inputs, grads, ref_grads):
         if ref_gx is None:

@@ -11,28 +11,14 @@ import torch
 import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 from lecture_kit import retnet, ssd
 from lecture_kit.kernels.scalar_decay import scalar_decay_chunked
+from lecture_kit.testing import TOLERANCE, assert_close, check_gradients
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# math.md §5.3: (relative RMS, max-abs / max|ref|)
-TOL = {torch.float32: (1e-5, 1e-5),              # IEEE fp32 products in tl.dot
-       torch.bfloat16: (5e-3, 2e-2),             # bf16 operands, fp32 accumulation
-       torch.float16: (5e-3, 2e-2)}
-GRAD_TOL = {torch.float32: (1e-5, 1e-5),
-            torch.bfloat16: (1e-2, 5e-2),
-            torch.float16: (1e-2, 5e-2)}
-
-
-def errors(got, ref):
-    got, ref = got.double(), ref.double()
-    diff = got - ref
-    return (diff.norm() / ref.norm()).item(), (diff.abs().max() / ref.abs().max()).item()
-
-
-def assert_close(name, got, ref, tol):
-    rel, mx = errors(got, ref)
-    assert rel <= tol[0] and mx <= tol[1], \
-        f"{name}: relRMS {rel:.2e} (≤ {tol[0]:.0e}), max-abs/max|ref| {mx:.2e} (≤ {tol[1]:.0e})"
+# math.md §5.3: IEEE fp32 products in tl.dot for fp32; half-precision operands, fp32 accumulation
+TOL = {torch.float32: TOLERANCE["fp32"], torch.bfloat16: TOLERANCE["half"], torch.float16: TOLERANCE["half"]}
+GRAD_TOL = {torch.float32: TOLERANCE["fp32"], torch.bfloat16: TOLERANCE["half_grad"],
+            torch.float16: TOLERANCE["half_grad"]}
 
 
 def make_inputs(mixer, *, B=2, T=100, H=4, G=None, K=16, V=32, dtype=torch.bfloat16, gate="weak",
@@ -148,38 +134,23 @@ GRAD_CASES = [
 def test_gradients_match_recurrent(mixer, dtype, T, chunk_size, G, gate, D):
     args = make_inputs(mixer, B=1, T=T, G=G, dtype=dtype, gate=gate, D=D)
     names = [n for n in ("q", "k", "v", "log_decay", "dt", "D", "initial_state") if args[n] is not None]
-    g = torch.Generator().manual_seed(1)
-    do = torch.randn(args["v"].shape, generator=g).to(dtype).to(DEVICE)
-    dfinal = torch.randn(args["initial_state"].shape, generator=g).to(DEVICE)
 
-    leaves = {n: args[n].clone().requires_grad_() for n in names}
-    o, final = kernel({**args, **leaves}, chunk_size)
-    grads = torch.autograd.grad((o.float() * do.float()).sum() + (final * dfinal).sum(),
-                                [leaves[n] for n in names])
+    def through(fn):            # fn(args) as a function of the differentiated tensors, by name
+        return lambda **leaves: fn({**args, **{n: leaves[n] for n in names}})[:2]
 
-    ref_leaves = {n: args[n].double().requires_grad_() for n in names}
-    o_ref, final_ref = reference(mixer, {**args, **ref_leaves})
-    ref_grads = torch.autograd.grad((o_ref * do.double()).sum() + (final_ref * dfinal.double()).sum(),
-                                    [ref_leaves[n] for n in names])
-
-    for n, got, ref in zip(names, grads, ref_grads):
-        assert got.shape == args[n].shape and got.dtype == args[n].dtype, n
-        assert_close(f"d{n}", got, ref, GRAD_TOL[dtype])
+    check_gradients(through(lambda a: kernel(a, chunk_size)),
+                    through(lambda a: reference(mixer, {**a, "scale": args["scale"]})),
+                    (), {n: args[n] for n in names}, bounds=GRAD_TOL[dtype], names=names, seed=1)
 
 
 def test_gradient_without_final_state():
     """Only o is used: the final state's gradient is absent and the adjoint starts from zero."""
     args = make_inputs("retnet", B=1, T=50, dtype=torch.float32, initial_state=False)
-    leaves = {n: args[n].clone().requires_grad_() for n in ("q", "k", "v", "log_decay")}
-    o, _ = scalar_decay_chunked(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"],
-                                scale=args["scale"], chunk_size=16)
-    grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
-    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
-    o_ref, _ = retnet.recurrent(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], ref_leaves["log_decay"],
-                                scale=args["scale"])
-    ref_grads = torch.autograd.grad(o_ref.square().sum(), list(ref_leaves.values()))
-    for n, got, ref in zip(leaves, grads, ref_grads):
-        assert_close(f"d{n}", got, ref, GRAD_TOL[torch.float32])
+    check_gradients(lambda *xs, output_final_state: scalar_decay_chunked(*xs, scale=args["scale"], chunk_size=16),
+                    lambda *xs, output_final_state: retnet.recurrent(*xs, scale=args["scale"],
+                                                                      output_final_state=True),
+                    [args[n] for n in ("q", "k", "v", "log_decay")], bounds=GRAD_TOL[torch.float32],
+                    names=["q", "k", "v", "log_decay"], use_final_state=False)
 
 
 @pytest.mark.parametrize("mixer,G", [("retnet", None), ("ssd", 2)])
