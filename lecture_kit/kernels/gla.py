@@ -31,8 +31,9 @@ second keeps the exponents exact to fp32's relative rounding: a sum x of n gates
 ≲ nε|x|, so e^{x} by ≲ nε|x|e^{x} ≤ nε/e, whereas b may reach C·max|g| (≈ 450 for strong gates,
 logsigmoid/0.1, at C = 64), where one fp32 ulp is 3e-5, and the difference of two such b's would carry
 that absolute error into the exponent of every nearby pair.  Step 4, whose factors e^{b_r}, e^{−b_s}
-would not fit in half precision (nor, for strong gates, in fp32), is computed pairwise in fp32: key row by key row, from the last row up,
-each query row's window grows by one gate (the pairs s > r are masked to −∞ before the exponential).
+would not fit in half precision (nor, for strong gates, in fp32), is computed pairwise in fp32: key
+row by key row, from the last row up, each query row's window grows by one gate (the pairs s > r are
+masked to −∞ before the exponential).
 
 Backward.  Given dO = ∂L/∂o and dS_T = ∂L/∂(final state), write dS_[i] = ∂L/∂S_[i] for the gradient of
 the state entering chunk [i] (so dS_[i+1] is that of the state leaving it; dS_[NT] = dS_T, zero when the
