@@ -27,6 +27,14 @@ heads never mix across directions.  Left out, to keep the mixing visible: VMamba
 convolution before the scan, its output norm and its gate (all per patch or local, none a scan).
 
 Layout: channels last, u [B, h, w, d_model] → out [B, h, w, d_model].
+
+What an order does to distances (notebook 04e measures it): ``snake_order`` (rows,
+alternately left to right and right to left) and ``hilbert_order`` (a Hilbert curve on
+a 2ⁿ×2ⁿ grid) are two more orders beside ``scan_orders``' four, and
+``neighbour_distances`` reports, for every pair of patches that touch in the image, how
+many steps apart a set of orders puts them.  ``scan_2d`` is the alternative to ordering
+at all: a recurrence over both axes, whose state at a patch comes from the patch to its
+left and the one above it.
 """
 from __future__ import annotations
 
@@ -63,7 +71,7 @@ def _check_orders(sig: Signature, orders, L: int) -> None:
             or orders.shape[1] != L:
         got = f"{orders.dtype} {tuple(orders.shape)}" if isinstance(orders, torch.Tensor) else type(orders).__name__
         raise sig.error(f"orders must be a LongTensor [K, L={L}] (see scan_orders), got {got}")
-    if orders.device != sig.device:
+    if sig.device is not None and orders.device != sig.device:
         raise sig.error(f"orders is on {orders.device} but the patches are on {sig.device}")
     if not torch.equal(orders.sort(dim=1).values, torch.arange(L, device=orders.device).expand_as(orders)):
         raise sig.error("orders must hold one permutation of 0 … L−1 per row")
@@ -95,6 +103,123 @@ def cross_merge(y: torch.Tensor, orders: torch.Tensor, h: int, w: int) -> torch.
     step = orders.argsort(dim=1)                               # π_k⁻¹: when each patch is visited
     on_grid = torch.gather(y, 1, step.T[None, :, :, None].expand_as(y))    # [B, L, K, C], patch order
     return on_grid.sum(dim=2).unflatten(1, (h, w))
+
+
+# ---- what a scan order does to distances ----
+
+def snake_order(h: int, w: int, *, device=None) -> torch.Tensor:
+    """The snake (boustrophedon) order of an h×w grid: LongTensor [h·w].
+
+    Row i is read left to right for even i and right to left for odd i, so that every
+    step moves to a neighbouring patch."""
+    for name, value in (("h", h), ("w", w)):
+        _positive_int("snake_order", name, value)
+    grid = torch.arange(h * w, device=device).reshape(h, w)
+    grid[1::2] = grid[1::2].flip(1)
+    return grid.flatten()
+
+
+def hilbert_order(n: int, *, device=None) -> torch.Tensor:
+    """A Hilbert curve through an n×n grid, n a power of two: LongTensor [n²], patches.
+
+    Built from the grid of visiting steps G_n (G[i, j] = the step at which patch (i, j)
+    is visited): G_1 = [[0]], and G_2n puts four copies of G_n in its quadrants, visited
+    top left, bottom left, bottom right, top right:
+
+        G_2n = [[ G_nᵀ,        rot180(G_n)ᵀ + 3n² ],
+                [ G_n + n²,    G_n + 2n²          ]]
+
+    G_n starts at the top-left patch and ends at the top-right one; transposed, the
+    first copy ends at the bottom left, next to the start of the second, and the
+    anti-transposed last copy starts at the bottom right of its quadrant, next to the
+    end of the third.  Every step of the curve therefore moves to a neighbouring patch.
+    """
+    _positive_int("hilbert_order", "n", n)
+    if n & (n - 1):
+        raise ValueError(f"hilbert_order: n must be a power of two, got {n}")
+    G = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    while G.shape[0] < n:
+        m = G.numel()
+        G = torch.cat([torch.cat([G.T, G.flip(0, 1).T + 3 * m], dim=1),
+                       torch.cat([G + m, G + 2 * m], dim=1)], dim=0)
+    return G.flatten().argsort()
+
+
+def neighbour_distances(orders: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """How far apart in the sequence the orders put patches that touch in the image.
+
+    ``orders`` [K, h·w] (or one order [h·w]) are permutations, ``orders[k, t]`` the
+    patch visited at step t of order k, so t_k = π_k⁻¹ gives each patch's step.  Returns
+    a LongTensor with one entry per pair {p, q} of 4-neighbours, the h·(w−1) horizontal
+    pairs in raster order followed by the (h−1)·w vertical ones:
+
+        d(p, q) = min_k |t_k(p) − t_k(q)|,
+
+    the distance in the order that brings the pair closest (a mixer that runs all K
+    orders and sums them can use the shortest).  Reversing an order changes no distance.
+    """
+    sig = Signature("neighbour_distances")
+    for name, value in (("h", h), ("w", w)):
+        _positive_int("neighbour_distances", name, value)
+    if isinstance(orders, torch.Tensor) and orders.dim() == 1:
+        orders = orders[None]
+    _check_orders(sig, orders, h * w)
+    step = orders.argsort(dim=1).reshape(-1, h, w)              # [K, h, w]: t_k(i, j)
+    horizontal = (step[:, :, 1:] - step[:, :, :-1]).abs().flatten(1)
+    vertical = (step[:, 1:, :] - step[:, :-1, :]).abs().flatten(1)
+    return torch.cat([horizontal, vertical], dim=1).min(dim=0).values
+
+
+# ---- a recurrence over both axes ----
+
+def scan_2d(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor) -> torch.Tensor:
+    """A two-dimensional selective scan from the top-left patch: SSD's recurrence along
+    the rows, then down the columns of the row states.  Per batch element and head, with
+    a = exp(Δ A) and states g, h ∈ R^{P×N}:
+
+        g_{i,j} = a_{i,j} g_{i,j−1} + Δ_{i,j} x_{i,j} B_{i,j}ᵀ    rows, g_{i,−1} = 0
+        h_{i,j} = a_{i,j} h_{i−1,j} + g_{i,j}                      columns, h_{−1,j} = 0
+        y_{i,j} = h_{i,j} C_{i,j}
+
+    Unrolled, patch (i', j') with i' ≤ i and j' ≤ j reaches (i, j) with the weight
+
+        (a_{i',j'+1} ⋯ a_{i',j}) (a_{i'+1,j} ⋯ a_{i,j}) · C_{i,j}ᵀ B_{i',j'} Δ_{i',j'},
+
+    the decays on the path right along row i', then down column j: for a constant a it
+    is a^{(i−i') + (j−j')}, a decay by distance in the image.  Patches below or to the
+    right are not reached (scan the flipped grid for the other corners).  Unlike the
+    chunked 1-D forms it keeps a P×N state at every patch, in w + h sequential steps.
+
+    Shapes: x [B, h, w, H, P], dt [B, h, w, H] (≥ 0), A [H] (< 0), B, C [B, h, w, G, N]
+    (G divides H; head n reads group n // (H/G)) → y [B, h, w, H, P] in x's dtype,
+    computed in fp32 (fp64 for fp64 inputs).
+    """
+    sig = Signature("scan_2d")
+    sig.tensor("x", x, "B h w H P")
+    sig.tensor("dt", dt, "B h w H", same_dtype=False)
+    sig.tensor("A", A, "H", same_dtype=False)
+    sig.tensor("B", B, "B h w G N")
+    sig.tensor("C", C, "B h w G N")
+    sig.at_least_one("h")
+    sig.at_least_one("w")
+    sig.groups_divide("G", "H")
+    sig.values([("dt", dt, ">= 0"), ("A", A, "< 0")])
+    f, per_group = compute_dtype(x.dtype), sig.sizes["H"] // sig.sizes["G"]
+    heads = lambda t: t.to(f).repeat_interleave(per_group, dim=3)    # [B, h, w, H, N]
+    dt = dt.to(f)
+    a = torch.exp(dt * A.to(f))[..., None, None]                  # [B, h, w, H, 1, 1]
+    u = torch.einsum("bijhp,bijhn->bijhpn", dt[..., None] * x.to(f), heads(B))  # Δ x Bᵀ
+    g, rows = torch.zeros_like(u[:, :, 0]), []
+    for j in range(sig.sizes["w"]):                                  # along the rows
+        g = a[:, :, j] * g + u[:, :, j]
+        rows.append(g)
+    g, C = torch.stack(rows, dim=2), heads(C)                     # [B, h, w, H, P, N]
+    state, y = torch.zeros_like(g[:, 0]), []
+    for i in range(sig.sizes["h"]):                                  # down the columns
+        state = a[:, i] * state + g[:, i]
+        y.append(torch.einsum("bjhpn,bjhn->bjhp", state, C[:, i]))
+    return torch.stack(y, dim=1).to(x.dtype)
 
 
 class CrossScan2D(nn.Module):
