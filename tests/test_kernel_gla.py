@@ -25,18 +25,11 @@ import lecture_kit  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads w
 from lecture_kit import gla
 from lecture_kit.kernels import gla as gla_kernels
 from lecture_kit.kernels.gla import gla_chunked
-from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
+from lecture_kit.testing import assert_close, check_gradients as check_against_fp64, random_inputs, to_reference
 
 DEVICE = lecture_kit.DEVICE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE = 0.3   # not the default K^-1/2, so that a forgotten scale shows
-
-
-def assert_close(what, actual, reference, bounds):
-    bounds = TOLERANCE[bounds] if isinstance(bounds, str) else bounds
-    e = errors(actual, reference)
-    assert e.within(bounds), f"{what}: rel RMS {e.rel_rms:.2e}, max {e.max_abs:.2e} > {bounds}"
-    return e
 
 
 def inputs(*, T, dtype, gate="weak", batch=2, heads=1, K=32, V=16, initial_state=True, seed=0):
@@ -172,24 +165,12 @@ def test_kernel_4a_score_gradient_against_torch(dtype):
     assert (dA[..., torch.arange(C, device=DEVICE)[None, :] > position[:, None]] == 0).all()
 
 
-def check_gradients(args, kw, chunk_size, bounds):
-    """Gradients of q, k, v, g (and initial_state) for random cotangents of o and of the final state,
-    against fp64 autograd of the recurrence on the same inputs."""
-    xs = [x.clone().requires_grad_() for x in (*args, kw["initial_state"])]
-    o, S = gla_chunked(*xs[:4], initial_state=xs[4], scale=SCALE, output_final_state=True,
-                       chunk_size=chunk_size)
-    gen = torch.Generator().manual_seed(8)
-    do = torch.randn(o.shape, generator=gen).to(device=DEVICE, dtype=o.dtype)
-    dS = torch.randn(S.shape, generator=gen).to(device=DEVICE)
-    grads = torch.autograd.grad((o, S), xs, (do, dS))
-
-    ref_xs = [x.detach().double().requires_grad_() for x in xs]
-    ref_o, ref_S = gla.recurrent(*ref_xs[:4], initial_state=ref_xs[4], scale=SCALE, output_final_state=True)
-    ref_grads = torch.autograd.grad((ref_o, ref_S), ref_xs, (do.double(), dS.double()))
-    for name, x, gx, ref_gx in zip(["q", "k", "v", "g", "initial_state"], xs, grads, ref_grads):
-        assert gx.dtype == x.dtype and gx.shape == x.shape, name
-        assert torch.isfinite(gx).all(), name
-        assert_close(f"d{name}", gx, ref_gx, bounds)
+def check_gradients(args, kw, chunk_size, bounds, **options):
+    """Gradients of q, k, v, g (and initial_state) for random cotangents of o and of the final state
+    (``testing.check_gradients``), against fp64 autograd of the recurrence on the same inputs."""
+    check_against_fp64(lambda *a, **k: gla_chunked(*a, **k, scale=SCALE, chunk_size=chunk_size),
+                       lambda *a, **k: gla.recurrent(*a, **k, scale=SCALE), args, kw, bounds=bounds,
+                       names=["q", "k", "v", "g", *kw], **options)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -231,15 +212,7 @@ def test_gradients_g_in_bf16_no_initial_state_two_value_tiles():
     """g rounded to bf16 (its gradient comes back in bf16), no initial state, V = 32 (two value tiles)."""
     args, _ = inputs(T=45, dtype=torch.bfloat16, gate="unit", V=32, initial_state=False, seed=11)
     args[3] = args[3].to(torch.bfloat16)
-    xs = [x.clone().requires_grad_() for x in args]
-    o, _ = gla_chunked(*xs, scale=SCALE, chunk_size=32)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(12)).to(device=DEVICE, dtype=o.dtype)
-    grads = torch.autograd.grad(o, xs, do)
-    ref_xs = [x.detach().double().requires_grad_() for x in xs]
-    ref_grads = torch.autograd.grad(gla.recurrent(*ref_xs, scale=SCALE)[0], ref_xs, do.double())
-    for name, x, gx, ref_gx in zip("qkvg", xs, grads, ref_grads):
-        assert gx.dtype == x.dtype, name
-        assert_close(f"d{name}", gx, ref_gx, "half_grad")
+    check_gradients(args, {}, 32, "half_grad", use_final_state=False, seed=12)
 
 
 def test_backward_reuses_the_forward_scores(monkeypatch):
@@ -258,14 +231,7 @@ def test_backward_reuses_the_forward_scores(monkeypatch):
 
 def test_gradient_without_final_state():
     args, _ = inputs(T=20, dtype=torch.float32, initial_state=False, seed=9)
-    xs = [x.clone().requires_grad_() for x in args]
-    o, _ = gla_chunked(*xs, scale=SCALE, chunk_size=16)
-    grads = torch.autograd.grad(o.square().sum(), xs)
-    ref_xs = [x.detach().double().requires_grad_() for x in xs]
-    ref_o, _ = gla.recurrent(*ref_xs, scale=SCALE)
-    ref_grads = torch.autograd.grad(ref_o.square().sum(), ref_xs)
-    for name, gx, ref_gx in zip("qkvg", grads, ref_grads):
-        assert_close(f"d{name}", gx, ref_gx, "fp32")
+    check_gradients(args, {}, 16, "fp32", use_final_state=False, seed=9)
 
 
 def test_unsupported_input_raises_value_error():
