@@ -25,19 +25,12 @@ from lecture_kit import rwkv7
 from lecture_kit.bench import calls_to
 from lecture_kit.kernels import rwkv7 as kernels_rwkv7
 from lecture_kit.kernels.rwkv7 import rwkv7_chunked
-from lecture_kit.testing import TOLERANCE, errors, random_inputs, to_reference
+from lecture_kit.testing import assert_close, check_gradients as check_against_fp64, random_inputs, to_reference
 
 DEVICE = lecture_kit.DEVICE
 SIZES = dict(batch=2, heads=2, key_dim=32, value_dim=16)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE = 0.7   # not the default 1.0, so that a forgotten scale shows
-
-
-def assert_close(what, actual, reference, bounds):
-    bounds = TOLERANCE[bounds] if isinstance(bounds, str) else bounds
-    e = errors(actual, reference)
-    assert e.within(bounds), f"{what}: rel RMS {e.rel_rms:.2e}, max {e.max_abs:.2e} > {bounds}"
-    return e
 
 
 def reference(args, kw, **extra):
@@ -119,36 +112,16 @@ def test_extreme_gates(fill):
 def check_gradients(args, initial_state, *, dtype, use_output=True, use_final_state=True, chunk_size=16,
                     seed=8):
     """Gradients of L = ⟨dO, o⟩ + ⟨dS, S_T⟩ (either term may be left out) with respect to every input
-    (initial_state too, when given), by the kernel and by fp64 autograd of the recurrence."""
-    inputs = [x.clone().requires_grad_() for x in args]
-    if initial_state is not None:
-        inputs.append(initial_state.clone().requires_grad_())
+    (initial_state too, when given), by the kernel and by fp64 autograd of the recurrence
+    (``testing.check_gradients``), without the backward going through ``rwkv7.chunked``."""
+    kw = {} if initial_state is None else {"initial_state": initial_state}
     with calls_to(rwkv7, "chunked") as chunked_calls:
-        o, S = rwkv7_chunked(*inputs[:6], initial_state=inputs[6] if initial_state is not None else None,
-                             scale=SCALE, output_final_state=use_final_state, chunk_size=chunk_size)
-        g = torch.Generator().manual_seed(seed)
-        do = torch.randn(o.shape, generator=g).to(device=DEVICE, dtype=o.dtype)
-        dS = torch.randn(o.shape[0], o.shape[2], args[0].shape[-1], o.shape[-1], generator=g).to(device=DEVICE)
-        outs, seeds = [], []
-        if use_output:
-            outs, seeds = outs + [o], seeds + [do]
-        if use_final_state:
-            outs, seeds = outs + [S], seeds + [dS]
-        grads = torch.autograd.grad(outs, inputs, seeds)
+        check_against_fp64(lambda *a, **k: rwkv7_chunked(*a, **k, scale=SCALE, chunk_size=chunk_size),
+                           lambda *a, **k: rwkv7.recurrent(*a, **k, scale=SCALE), args, kw,
+                           bounds="fp32" if dtype == torch.float32 else "half_grad",
+                           names=["r", "w", "k", "v", "a", "b", *kw], use_output=use_output,
+                           use_final_state=use_final_state, seed=seed)
     assert not chunked_calls, "the backward pass went through rwkv7.chunked"
-
-    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    ref_o, ref_S = rwkv7.recurrent(*ref_inputs[:6], initial_state=ref_inputs[6] if initial_state is not None else None,
-                                   scale=SCALE, output_final_state=True)
-    ref_outs = ([ref_o] if use_output else []) + ([ref_S] if use_final_state else [])
-    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [x.double() for x in seeds], allow_unused=True)
-    bounds = "fp32" if dtype == torch.float32 else "half_grad"
-    for name, x, gx, ref_gx in zip(["r", "w", "k", "v", "a", "b", "initial_state"], inputs, grads, ref_grads):
-        assert gx.dtype == x.dtype, name
-        if ref_gx is None:                   # r does not reach the final state: its gradient is zero
-            assert not gx.any(), f"d{name} should be zero"
-        else:
-            assert_close(f"d{name}", gx, ref_gx, bounds)
 
 
 @pytest.mark.parametrize("gate", ["weak", "strong"])
@@ -240,22 +213,3 @@ def test_unsupported_input_raises_value_error():
     raises("w is a log-decay", r, -w, k, v, a, b)                                 # positive log decays
     raises("initial_state must have shape", *args, initial_state=kw["initial_state"][..., :8])
     raises("4 dims", r[0], w, k, v, a, b)
-
-
-def test_compiles_with_fullgraph_and_matches_eager():
-    """Under torch.compile the kernel runs as registered operators (no graph break): the compiled
-    call gives the eager output, final state and gradients exactly (same kernels, same order)."""
-    args, kw = random_inputs("rwkv7", **SIZES, length=37, dtype=torch.float32, initial_state=True, seed=9,
-                             device=DEVICE)
-    leaves = [t.clone().requires_grad_() for t in (*args, kw["initial_state"])]
-
-    def run(r, w, k, v, a, b, initial_state):
-        o, S = rwkv7.kernel(r, w, k, v, a, b, initial_state=initial_state, output_final_state=True)
-        return o.square().sum() + S.sum(), o, S
-
-    loss_e, *outs_e = run(*leaves)
-    loss_c, *outs_c = torch.compile(run, fullgraph=True)(*leaves)
-    for got, want in zip(outs_c, outs_e):
-        assert torch.equal(got, want)
-    for got, want in zip(torch.autograd.grad(loss_c, leaves), torch.autograd.grad(loss_e, leaves)):
-        assert torch.equal(got, want)

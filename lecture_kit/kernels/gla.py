@@ -156,6 +156,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compile import absent, present
+
 __all__ = ["gla_chunked"]
 
 SUB_CHUNK = 16  # c: the sub-chunk of steps 3-4 (FLA's BC); also the smallest tensor-core tile.
@@ -873,6 +875,61 @@ class _GLAChunked(torch.autograd.Function):
         return dq, dk, dv, dg.to(g.dtype), dh0, None, None, None
 
 
+# The same forward and backward as PyTorch operators, for torch.compile (kernels/_compile.py).  The
+# forward also returns A, which its backward reads instead of forming it again.
+
+@torch.library.custom_op("lecture_kit::gla_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                initial_state: torch.Tensor | None, scale: float, output_final_state: bool,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    o, ht, A = _forward(q, k, v, g, scale, h0, output_final_state, chunk_size)
+    return o, absent(ht, v), A
+
+
+@_forward_op.register_fake
+def _(q, k, v, g, initial_state, scale, output_final_state, chunk_size):
+    B, T, H, K = q.shape
+    ht = v.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else v.new_empty(0)
+    return torch.empty_like(v), ht, q.new_empty(B, H, T, chunk_size, dtype=_operand_dtype(q))
+
+
+@torch.library.custom_op("lecture_kit::gla_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, A: torch.Tensor,
+                 initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
+                 scale: float, chunk_size: int) -> list[torch.Tensor]:
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    grads = _backward(q, k, v, g, A, scale, h0, chunk_size, do, dht)
+    return [absent(grad, v) for grad in grads]
+
+
+@_backward_op.register_fake
+def _(q, k, v, g, A, initial_state, do, dht, scale, chunk_size):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(g, dtype=torch.float32),
+            v.new_empty(0) if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, initial_state, scale, output_final_state, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, output[2], initial_state)
+    ctx.mark_non_differentiable(output[2])
+    ctx.scale, ctx.chunk_size, ctx.output_final_state = scale, chunk_size, output_final_state
+
+
+def _backward_of_op(ctx, do, dht, dA):
+    q, k, v, g, A, initial_state = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+    dht = dht.to(torch.float32).contiguous() if ctx.output_final_state and dht is not None else None
+    dq, dk, dv, dg, dh0 = _backward_op(q, k, v, g, A, initial_state, do, dht, ctx.scale, ctx.chunk_size)
+    return dq, dk, dv, dg.to(g.dtype), present(dh0, initial_state), None, None, None
+
+
+_forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
+
+
 def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64,
                 checked=None):
     """Chunkwise gated linear attention with the Triton kernels of this module (math.md §3.2).
@@ -897,5 +954,8 @@ def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=Fal
         return v * 0, ht
     if g.dtype not in (q.dtype, torch.float32):
         g = g.float()               # the kernels read g in q's dtype or fp32; autograd casts dg back
-    o, ht = _GLAChunked.apply(q, k, v, g, initial_state, scale, bool(output_final_state), chunk_size)
+    if torch.compiler.is_compiling():
+        o, ht, _ = _forward_op(q, k, v, g, initial_state, scale, bool(output_final_state), chunk_size)
+    else:
+        o, ht = _GLAChunked.apply(q, k, v, g, initial_state, scale, bool(output_final_state), chunk_size)
     return o, (ht if output_final_state else None)
