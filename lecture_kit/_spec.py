@@ -18,6 +18,7 @@ Adding a mixer is writing its module, ``SPEC`` included, and naming it in ``test
 from __future__ import annotations
 
 import inspect
+import re
 import textwrap
 from collections import namedtuple
 from collections.abc import Callable, Mapping
@@ -32,6 +33,13 @@ from ._validate import Signature
 FORMS = ("recurrent", "parallel", "chunked", "matrix", "kernel")
 
 _FINAL_STATE = "Also return the state after the last token."
+
+
+def _reflow(text: str) -> str:
+    """One paragraph, wrapped to the width of a numpy docstring's descriptions."""
+    text = re.sub(r"\.\s*\n\s*", ".  ", inspect.cleandoc(text))            # a sentence's end: two spaces
+    return textwrap.fill(re.sub(r"\s*\n\s*", " ", text), 84,
+                         break_on_hyphens=False, break_long_words=False)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,64 @@ class Arg:
         return [s.strip() for s in self.dims.split("|")]
 
 
+# ---- what several mixers declare alike ----
+
+def kernel_note(dim: str) -> str:
+    """What ``kernel`` adds to the description of a mixer's first activation, whose last dim is ``dim``."""
+    return (f"``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or newer) or float32, "
+            f"and {dim} a power of two from 16 to 256, on CUDA or on the CPU through Triton's interpreter "
+            f"(lecture_kit turns it on when no GPU is visible).")
+
+
+def queries(name: str = "q", what: str = "Queries", shared_with: str = "``k`` and ``v``") -> Arg:
+    """The first input of the attention-like mixers ``[B, T, H, K]``, which binds the call's dtype."""
+    return Arg(name, "B T H K", f"""
+        {what} ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16, float32 or float64.
+        {shared_with} share its dtype and every tensor its device.  B = 0 or H = 0 give empty
+        results of the right shapes.""", kernel=kernel_note("K"))
+
+
+KEYS = Arg("k", "B T H K", "Keys ``[B, T, H, K]``.")
+VALUES = Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
+             kernel="``kernel``: V a power of two from 16 to 256.")
+
+
+def initial_state(dims: str, symbol: str) -> Arg:
+    """The ``initial_state`` keyword, the state ``symbol`` with layout ``dims`` before the first token."""
+    return Arg("initial_state", dims, f"""
+        The state {symbol} ``[{", ".join(dims.split())}]`` before the first token, any float dtype; None
+        means zeros.  Passing one call's final state continues the sequence.""", activation=False)
+
+
+def scale_description(output: str, default: str) -> str:
+    return (f"Multiplies every output, {output}: a finite Python (or numpy) number, not a tensor.  "
+            f"{default}")
+
+
+def chunk_description(last_chunk: str) -> str:
+    return (f"Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be "
+            f"a multiple ({last_chunk}).")
+
+
+KERNEL_CHUNKS = "Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple."
+
+
+class Draw:
+    """Seeded random numbers for a spec's ``sample``, in float32, from one ``torch.Generator``."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator)
+
+    def uniform(self, low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.empty(*shape).uniform_(low, high, generator=self.generator)
+
+
 class Checked(NamedTuple):
     """What ``MixerSpec.check`` returns: the bound sizes (``sig.sizes``), the scale (a float, the
     default resolved; None for a mixer without one) and the chunk size (None for the forms
@@ -69,32 +135,35 @@ class Checked(NamedTuple):
 class MixerSpec:
     """A mixer's inputs, their checks and their defaults (module docstring).
 
-    ``inputs``: the positional inputs, in order; ``values``: the one that ``matrix`` leaves out
-    (output = matrix @ values); ``keywords``: the tensor keywords, ``initial_state`` last (its dims
-    are the state's).  ``key_dim`` and ``value_dim`` name the state's two sizes (K and V; N and P
-    for SSD); ``key_dim`` must be at least 1.  ``scale``: None for no scale argument, ``"K^-1/2"``
-    for a ``scale=None`` that means key_dim^(-1/2), or the float default.  ``log_decay`` names the
-    inputs whose product is the log-decay of a token (the last of them is the decay argument).
-    ``constraint`` checks what dims alone cannot (SSD: G divides H).  ``kernel_names`` are the words
-    of the Triton kernel that ``kernel`` runs, translated into this mixer's
-    (``Signature(names=...)``).  ``sample(g, size, gate)`` draws typical inputs with generator g and
-    sizes ``size`` (by dim name), returning (inputs, keywords) before any cast.
+    ``inputs``: the positional inputs, in order.  ``log_decay`` names the inputs whose product is
+    the log-decay of a token (the last of them is the decay argument).  ``sample(draw, size, gate)``
+    draws typical inputs from ``draw`` (a :class:`Draw`) with sizes ``size`` (by dim name),
+    returning (inputs, keywords) before any cast.  ``scale``: None for no scale argument,
+    ``"K^-1/2"`` for a ``scale=None`` that means key_dim^(-1/2), or the float default.
+
+    The rest default to flash-linear-attention's layout, which SSD alone leaves: ``values``, the
+    input that ``matrix`` leaves out (output = matrix @ values); ``keywords``, the tensor keywords,
+    ``initial_state`` last (its dims are the state's); ``key_dim`` and ``value_dim``, the state's
+    two sizes (K and V; N and P for SSD), ``key_dim`` at least 1; the chunk sizes of ``chunked``
+    and ``kernel``.  ``constraint`` checks what dims alone cannot (SSD: G divides H);
+    ``kernel_names`` are the words of the Triton kernel that ``kernel`` runs, translated into this
+    mixer's (``Signature(names=...)``).
     """
     name: str
     title: str
     inputs: tuple[Arg, ...]
-    values: str
-    keywords: tuple[Arg, ...]
-    key_dim: str
-    value_dim: str
-    scale: None | str | float
-    scale_description: str
-    chunk_size: int
-    kernel_chunk_size: int
-    chunk_description: str
-    kernel_chunk_description: str
     log_decay: tuple[str, ...]
     sample: Callable
+    scale: None | str | float
+    scale_description: str
+    chunk_description: str
+    values: str = "v"
+    keywords: tuple[Arg, ...] = (initial_state("B H K V", "S_0"),)
+    key_dim: str = "K"
+    value_dim: str = "V"
+    chunk_size: int = 64
+    kernel_chunk_size: int = 64
+    kernel_chunk_description: str = KERNEL_CHUNKS
     constraint: Callable[[Signature], None] | None = None
     kernel_names: Mapping[str, str] = field(default_factory=dict)
 
@@ -158,13 +227,11 @@ class MixerSpec:
     def descriptions(self, form: str) -> dict[str, str]:
         """The Parameters table of ``form`` (``_docs.document``): one description per argument,
         the kernel's limits added for ``kernel``."""
-        table = {a.name: inspect.cleandoc(a.description)
-                 + (f"\n{textwrap.fill(a.kernel, 84)}" if form == "kernel" and a.kernel else "")
+        table = {a.name: a.description + (f"  {a.kernel}" if form == "kernel" and a.kernel else "")
                  for a in self.inputs + self.keywords}
         chunk = self.kernel_chunk_description if form == "kernel" else self.chunk_description
-        table.update(scale=inspect.cleandoc(self.scale_description), output_final_state=_FINAL_STATE,
-                     chunk_size=inspect.cleandoc(chunk))
-        return {n: table[n] for n in self.parameters(form)}
+        table.update(scale=self.scale_description, output_final_state=_FINAL_STATE, chunk_size=chunk)
+        return {n: _reflow(table[n]) for n in self.parameters(form)}
 
     # ---- validation ----
 

@@ -246,6 +246,15 @@ class Signature:
 
     # ---- what only the Triton kernels need, in their words (translated by ``names``) ----
 
+    def empty_result(self, v: torch.Tensor, output_final_state: bool):
+        """What a kernel returns when its values ``v`` are empty (B, H or V is 0; T and K ≥ 1 are
+        checked): the output ``v * 0``, empty and still a function of v for autograd, and the
+        empty fp32 state [B, H, K, V] or None.  None when there is something to compute."""
+        if v.numel():
+            return None
+        state = v.new_zeros(*(self.size(d) for d in ("B", "H", "K", "V")), dtype=torch.float32)
+        return v * 0, (state if output_final_state else None)
+
     def kernel_dtype(self) -> None:
         """The activations' dtype is one the Triton kernels take (and, for bf16 on a GPU, one its
         compute capability can multiply: ``hardware.check_kernel_dtype``)."""

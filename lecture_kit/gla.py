@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._docs import document_form
-from ._spec import Arg, MixerSpec
+from ._spec import KEYS, VALUES, Arg, MixerSpec, chunk_description, queries, scale_description
 from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum
 
@@ -31,52 +31,28 @@ from .semiseparable import segsum
 SUB_CHUNK = 16
 
 
-def _sample(g, n, gate):
+def _sample(draw, n, gate):
     """q, k, v standard normal; the gate logsigmoid(N(0, 1)) / 16, as in the GLA layer
     (``gate="strong"``: / 0.1)."""
     B, T, H, K, V = (n[d] for d in ("B", "T", "H", "K", "V"))
-    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
-    gk = torch.nn.functional.logsigmoid(randn(B, T, H, K)) / (16.0 if gate == "weak" else 0.1)
-    return (randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), gk), {}
+    gk = torch.nn.functional.logsigmoid(draw.randn(B, T, H, K)) / (16.0 if gate == "weak" else 0.1)
+    q, k = draw.randn(B, T, H, K), draw.randn(B, T, H, K)
+    return (q, k, draw.randn(B, T, H, V), gk), {}
 
 
-#: GLA's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the docs,
-#: ``testing.random_inputs`` and the GLA layer.
+#: GLA's arguments for its five forms, its docs, ``testing`` and the GLA layer (``lecture_kit/_spec.py``).
 SPEC = MixerSpec(
     name="gla", title="GLA",
     inputs=(
-        Arg("q", "B T H K", """
-            Queries ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16, float32 or float64.
-            ``k`` and ``v`` share its dtype and every tensor its device.  B = 0 or H = 0 give
-            empty results of the right shapes.""",
-            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
-                   "newer) or float32, and K a power of two from 16 to 256, on CUDA or on the CPU "
-                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
-        Arg("k", "B T H K", "Keys ``[B, T, H, K]``."),
-        Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
-            kernel="``kernel``: V a power of two from 16 to 256."),
+        queries(), KEYS, VALUES,
         Arg("g", "B T H K", """
             Log forget gate g = log α ``[B, T, H, K]``, ≤ 0 everywhere (the GLA layer uses
             ``logsigmoid(·) / 16``); −inf resets a channel of the state.  Any float dtype:
             keep it in fp32 beside half-precision activations.""", activation=False, sign="<= 0"),
     ),
-    values="v",
-    keywords=(
-        Arg("initial_state", "B H K V", """
-            The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
-            zeros.  Passing one call's final state continues the sequence.""", activation=False),
-    ),
-    key_dim="K", value_dim="V",
-    scale="K^-1/2", scale_description="""
-        Multiplies every output, o_t = scale · S_tᵀ q_t: a finite Python (or numpy) number, not a
-        tensor.  None means K^(-1/2).""",
-    chunk_size=64, kernel_chunk_size=64,
-    chunk_description="""
-        Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be
-        a multiple (the last chunk is padded with zero keys and gates, which is exact).
-        Sub-chunks are 16 tokens when 16 divides it.""",
-    kernel_chunk_description="""
-        Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.""",
+    scale="K^-1/2", scale_description=scale_description("o_t = scale · S_tᵀ q_t", "None means K^(-1/2)."),
+    chunk_description=chunk_description("the last chunk is padded with zero keys and gates, which is exact")
+    + "  Sub-chunks are 16 tokens when 16 divides it.",
     log_decay=("g",),
     sample=_sample,
 )
@@ -237,11 +213,9 @@ def kernel(
     bf16, fp16 or fp32 inputs (fp64: use ``chunked``); K and V powers of two in 16..256;
     chunk_size a power of two in 16..128.  Differentiable in every input.
     """
-    call = SPEC.check("kernel", q, k, v, g, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, chunk_size=chunk_size)
-    from .kernels.gla import gla_chunked
-    return gla_chunked(q, k, v, g, scale=call.scale, initial_state=initial_state,
-                       output_final_state=output_final_state, chunk_size=call.chunk_size, checked=call.sig)
+    from .kernels.gla import gla_chunked                  # which checks the call against SPEC first
+    return gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, chunk_size=chunk_size)
 
 
 # ---- reference sections for help() ---------------------------------------------------

@@ -25,57 +25,32 @@ from __future__ import annotations
 import torch
 
 from ._docs import document_form
-from ._spec import Arg, MixerSpec
+from ._spec import KEYS, VALUES, Arg, MixerSpec, chunk_description, queries, scale_description
 from ._validate import compute_dtype
 from .semiseparable import segsum
 
 
-def _sample(g, n, gate):
+def _sample(draw, n, gate):
     """q, k, v standard normal; RetNet's decays log γ_h = log(1 − 2^{−5−h}) (``gate="strong"``:
     log(1 − 2^{−1−h}))."""
     B, T, H, K, V = (n[d] for d in ("B", "T", "H", "K", "V"))
     h = torch.arange(H, dtype=torch.float64)
     log_gamma = torch.log1p(-2.0 ** (-5 - h)) if gate == "weak" else torch.log1p(-2.0 ** (-1 - h))
-    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
-    return (randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V), log_gamma), {}
+    return (draw.randn(B, T, H, K), draw.randn(B, T, H, K), draw.randn(B, T, H, V), log_gamma), {}
 
 
-#: Retention's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the
-#: docs, ``testing.random_inputs`` and the retention layer.
+#: Retention as the forms, the docs, ``testing`` and the retention layer see it (``lecture_kit/_spec.py``).
 SPEC = MixerSpec(
     name="retnet", title="RetNet",
     inputs=(
-        Arg("q", "B T H K", """
-            Queries ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16, float32 or float64.
-            ``k`` and ``v`` share its dtype and every tensor its device.  B = 0 or H = 0 give
-            empty results of the right shapes.""",
-            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
-                   "newer) or float32, and K a power of two from 16 to 256, on CUDA or on the CPU "
-                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
-        Arg("k", "B T H K", "Keys ``[B, T, H, K]``."),
-        Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
-            kernel="``kernel``: V a power of two from 16 to 256."),
+        queries(), KEYS, VALUES,
         Arg("log_gamma", "H", """
             Per-head log decay log γ ``[H]``, ≤ 0 (RetNet: ``log(1 - 2**(-5 - h))`` for head h;
             0 is causal linear attention without decay, −inf a head that forgets everything at
             every token).  Any float dtype.""", activation=False, sign="<= 0"),
     ),
-    values="v",
-    keywords=(
-        Arg("initial_state", "B H K V", """
-            The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
-            zeros.  Passing one call's final state continues the sequence.""", activation=False),
-    ),
-    key_dim="K", value_dim="V",
-    scale="K^-1/2", scale_description="""
-        Multiplies every output, o_t = scale · S_tᵀ q_t: a finite Python (or numpy) number, not a
-        tensor.  None means K^(-1/2).""",
-    chunk_size=64, kernel_chunk_size=64,
-    chunk_description="""
-        Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be
-        a multiple (the last chunk is shorter).""",
-    kernel_chunk_description="""
-        Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.""",
+    scale="K^-1/2", scale_description=scale_description("o_t = scale · S_tᵀ q_t", "None means K^(-1/2)."),
+    chunk_description=chunk_description("the last chunk is shorter"),
     log_decay=("log_gamma",),
     sample=_sample,
     kernel_names={"log_decay": "log_gamma", "G": "H"},

@@ -27,17 +27,17 @@ from __future__ import annotations
 import torch
 
 from ._docs import document_form
-from ._spec import Arg, MixerSpec
+from ._spec import KEYS, VALUES, Arg, MixerSpec, chunk_description, queries, scale_description
 from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum, sss_matrix
 
 
-def _sample(g, n, gate):
+def _sample(draw, n, gate):
     """The layer's bounded decay w = −e^{−1/2}·σ(N(0, 1)) (``gate="strong"``: unbounded,
     −exp(N(1, 1)), down to about −20); a = −κ̂ and b = κ̂ ∘ a_icl with κ̂ a unit removal key and
     a_icl = σ(N(0, 1)); r, v standard normal, k of variance 1/K."""
     B, T, H, K, V = (n[d] for d in ("B", "T", "H", "K", "V"))
-    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
+    randn = draw.randn
     w = -0.6065306597126334 * torch.sigmoid(randn(B, T, H, K)) if gate == "weak" \
         else -torch.exp(randn(B, T, H, K) + 1.0)
     kappa = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1)
@@ -46,25 +46,17 @@ def _sample(g, n, gate):
             kappa * a_icl), {}
 
 
-#: RWKV-7's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the
-#: docs, ``testing.random_inputs`` and the time-mix layer.
+#: RWKV-7's inputs, checks and defaults (``lecture_kit/_spec.py``), for every form, the docs, ``testing``
+#: and the time-mix layer.
 SPEC = MixerSpec(
     name="rwkv7", title="RWKV-7",
     inputs=(
-        Arg("r", "B T H K", """
-            Receptance, RWKV's query, ``[B, T, H, K]``, T ≥ 1 and K ≥ 1: float16, bfloat16,
-            float32 or float64.  ``k``, ``v``, ``a`` and ``b`` share its dtype and every tensor
-            its device.  B = 0 or H = 0 give empty results of the right shapes.""",
-            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
-                   "newer) or float32, and K a power of two from 16 to 256, on CUDA or on the CPU "
-                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
+        queries("r", "Receptance, RWKV's query,", "``k``, ``v``, ``a`` and ``b``"),
         Arg("w", "B T H K", """
             Log decay ``[B, T, H, K]``, ≤ 0 everywhere (the layer uses
             ``-exp(-0.5) * sigmoid(·)``); −inf resets a channel of the state.  Any float dtype:
             keep it in fp32 beside half-precision activations.""", activation=False, sign="<= 0"),
-        Arg("k", "B T H K", "Keys ``[B, T, H, K]``."),
-        Arg("v", "B T H V", "Values ``[B, T, H, V]``; V = 0 gives empty results.",
-            kernel="``kernel``: V a power of two from 16 to 256."),
+        KEYS, VALUES,
         Arg("a", "B T H K", """
             The transition's left factor ``[B, T, H, K]``: the layer passes ``-kappa``, a
             removal key of unit norm per head."""),
@@ -72,20 +64,9 @@ SPEC = MixerSpec(
             The transition's right factor ``[B, T, H, K]``: the layer passes ``kappa * a_icl``,
             with an in-context learning rate ``a_icl`` in (0, 1)."""),
     ),
-    values="v",
-    keywords=(
-        Arg("initial_state", "B H K V", """
-            The state S_0 ``[B, H, K, V]`` before the first token, any float dtype; None means
-            zeros.  Passing one call's final state continues the sequence.""", activation=False),
-    ),
-    key_dim="K", value_dim="V",
-    scale=1.0, scale_description="""
-        Multiplies every output, o_t = scale · S_tᵀ r_t: a finite Python (or numpy) number, not a
-        tensor (fla's RWKV-7 uses 1.0, the default).""",
-    chunk_size=64, kernel_chunk_size=16,
-    chunk_description="""
-        Tokens per chunk, a positive integer (a numpy or 0-d tensor integer too); T need not be
-        a multiple (the last chunk is padded with zero keys and decays, which is exact).""",
+    scale=1.0, scale_description=scale_description("o_t = scale · S_tᵀ r_t", "fla's RWKV-7 uses 1.0, the default."),
+    kernel_chunk_size=16,
+    chunk_description=chunk_description("the last chunk is padded with zero keys and decays, which is exact"),
     kernel_chunk_description="""
         Tokens per chunk: 16 for any K, 32 for K ≤ 128, 64 for K ≤ 64.  T need not be a
         multiple.""",
@@ -248,11 +229,9 @@ def kernel(
     (fp64: use ``chunked``); K and V powers of two in 16..256; chunk_size 16 (any K), 32 (K ≤ 128)
     or 64 (K ≤ 64).  Differentiable in every input.
     """
-    call = SPEC.check("kernel", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, chunk_size=chunk_size)
-    from .kernels.rwkv7 import rwkv7_chunked
-    return rwkv7_chunked(r, w, k, v, a, b, scale=call.scale, initial_state=initial_state,
-                         output_final_state=output_final_state, chunk_size=call.chunk_size, checked=call.sig)
+    from .kernels.rwkv7 import rwkv7_chunked              # which checks the call against SPEC first
+    return rwkv7_chunked(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, chunk_size=chunk_size)
 
 
 # ---- reference sections for help() ---------------------------------------------------

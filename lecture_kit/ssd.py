@@ -24,26 +24,26 @@ from __future__ import annotations
 import torch
 
 from ._docs import document_form
-from ._spec import Arg, MixerSpec
+from ._spec import Arg, MixerSpec, chunk_description, initial_state, kernel_note
 from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum
 
 
-def _sample(g, n, gate):
+def _sample(draw, n, gate):
     """Mamba-2's initialisation: Δ log-uniform in [1e-3, 1e-1] (``gate="strong"``: uniform in
     [0.5, 2]), A = −U[1, 16]; x, B, C and D standard normal."""
     B, T, H, G, N, P = (n[d] for d in ("B", "T", "H", "G", "N", "P"))
     if gate == "weak":
         log_range = torch.log(torch.tensor([1e-3, 1e-1])).tolist()
-        dt = torch.exp(torch.empty(B, T, H).uniform_(*log_range, generator=g))
+        dt = torch.exp(draw.uniform(*log_range, B, T, H))
     else:
-        dt = 0.5 + 1.5 * torch.rand(B, T, H, generator=g)
-    A = -(1 + 15 * torch.rand(H, generator=g))
-    randn = lambda *shape: torch.randn(*shape, generator=g)           # noqa: E731
+        dt = 0.5 + 1.5 * draw.rand(B, T, H)
+    A = -(1 + 15 * draw.rand(H))
+    randn = draw.randn
     return (randn(B, T, H, P), dt, A, randn(B, T, G, N), randn(B, T, G, N)), {"D": randn(H)}
 
 
-#: SSD's inputs, their checks and defaults (``lecture_kit/_spec.py``), read by every form, the docs,
+#: What SSD takes, checks and defaults to (``lecture_kit/_spec.py``); read by every form, the docs,
 #: ``testing.random_inputs`` and the Mamba-2 block.
 SPEC = MixerSpec(
     name="ssd", title="SSD",
@@ -51,10 +51,7 @@ SPEC = MixerSpec(
         Arg("x", "B T H P", """
             Inputs ``[B, T, H, P]``, T ≥ 1: float16, bfloat16, float32 or float64.  ``B`` and
             ``C`` share its dtype and every tensor its device.  B = 0, H = 0 or P = 0 give
-            empty results of the right shapes.""",
-            kernel="``kernel`` takes float16, bfloat16 (on a GPU, compute capability 8.0 or "
-                   "newer) or float32, and P a power of two from 16 to 256, on CUDA or on the CPU "
-                   "through Triton's interpreter (lecture_kit turns it on when no GPU is visible)."),
+            empty results of the right shapes.""", kernel=kernel_note("P")),
         Arg("dt", "B T H", """
             Step sizes Δ ``[B, T, H]``, finite and ≥ 0, already discretised (Mamba-2 passes
             ``softplus(dt + dt_bias)``).  Any float dtype.  Δ = 0 skips a token: decay 1 and no
@@ -75,18 +72,11 @@ SPEC = MixerSpec(
         Arg("D", "H | H P", """
             Skip weight ``[H]`` or ``[H, P]``, any float dtype, adding D x to the output; None
             for no skip term.""", activation=False),
-        Arg("initial_state", "B H P N", """
-            The state h_0 ``[B, H, P, N]`` before the first token, any float dtype; None means
-            zeros.  Passing one call's final state continues the sequence.""", activation=False),
+        initial_state("B H P N", "h_0"),
     ),
     key_dim="N", value_dim="P",
     scale=None, scale_description="",
-    chunk_size=64, kernel_chunk_size=64,
-    chunk_description="""
-        Tokens per chunk Q, a positive integer (a numpy or 0-d tensor integer too); T need not
-        be a multiple (the last chunk is padded with Δ = 0, which is exact).""",
-    kernel_chunk_description="""
-        Tokens per chunk: 16, 32, 64 or 128.  T need not be a multiple.""",
+    chunk_description=chunk_description("the last chunk is padded with Δ = 0, which is exact"),
     log_decay=("dt", "A"),
     sample=_sample,
     constraint=lambda sig: sig.groups_divide("G", "H"),

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._spec import Draw
+
 #: (rel_rms, max_abs) bounds of math.md §5.3, by what is being compared.
 TOLERANCE = {
     "fp64": (1e-12, 1e-11),          # fp64 forms vs the fp64 recurrence
@@ -130,8 +132,8 @@ def random_inputs(name: str, *, batch=2, length=64, heads=2, key_dim=16, value_d
         raise ValueError(f"groups is SSD's G; {name} has no groups, got groups={groups!r}")
     size = {"B": batch, "T": length, "H": heads, "G": 1 if groups is None else groups,
             s.key_dim: key_dim, s.value_dim: value_dim}
-    g = torch.Generator().manual_seed(seed)
-    drawn, drawn_kw = s.sample(g, size, gate)
+    draw = Draw(torch.Generator().manual_seed(seed))
+    drawn, drawn_kw = s.sample(draw, size, gate)
     gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     def cast(arg, t):       # activations: the tested dtype; decays, gates, parameters: fp32 (fp64)
@@ -142,7 +144,7 @@ def random_inputs(name: str, *, batch=2, length=64, heads=2, key_dim=16, value_d
     if decay is not None:
         args = _with_mean_log_decay(s, args, decay)
     if initial_state:
-        state = torch.randn(*(size[d] for d in s.state.dims.split()), generator=g)
+        state = draw.randn(*(size[d] for d in s.state.dims.split()))
         kwargs["initial_state"] = state.to(device=device, dtype=gate_dtype)
     return args, kwargs
 

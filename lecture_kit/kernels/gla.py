@@ -702,9 +702,8 @@ _CHUNK_SIZES = tuple(c for c in (16, 32, 64, 128) if c >= SUB_CHUNK)
 
 
 def _check_kernel(sig, chunk_size):
-    """What these kernels add to the checks of ``gla.SPEC`` (done by ``gla.kernel``, or by
-    ``gla_chunked`` for a direct call): dtypes, head and chunk sizes, the device.  Returns the
-    chunk size as an int."""
+    """What these kernels add to the checks of ``gla.SPEC`` (done first, by ``gla_chunked``):
+    dtypes, head and chunk sizes, the device.  Returns the chunk size as an int."""
     sig.kernel_dtype()
     K, V = sig.kernel_head_size("K"), sig.kernel_head_size("V", zero_ok=True)
     C = sig.kernel_chunk_size(chunk_size, _CHUNK_SIZES)
@@ -930,28 +929,24 @@ def _backward_of_op(ctx, do, dht, dA):
 _forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
 
 
-def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64,
-                checked=None):
+def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64):
     """Chunkwise gated linear attention with the Triton kernels of this module (math.md §3.2).
 
     q, k, g [B, T, H, K] (g = log forget gate ≤ 0, any float dtype: used in q's dtype or fp32);
     v [B, T, H, V]; initial_state None or [B, H, K, V] (any float dtype, used in fp32).  K and V
     powers of two in 16..256; chunk_size a power of two in 16..128; any T ≥ 1; B, H or V = 0 give
-    empty results.  ``scale=None`` means K^-1/2.  ``checked``: the ``Signature`` of ``gla.kernel``,
-    which has checked the arguments against ``gla.SPEC``; None (a direct call) checks them here.
+    empty results.  ``scale=None`` means K^-1/2.  This is ``gla.kernel``: the arguments are checked
+    against ``gla.SPEC`` as every form's are, then against what these kernels add (``_check_kernel``).
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32, or None).
     Differentiable in q, k, v, g and initial_state, with Triton backward kernels (module docstring).
     """
-    if checked is None:
-        from ..gla import SPEC
-        call = SPEC.check("kernel", q, k, v, g, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, chunk_size=chunk_size)
-        checked, scale = call.sig, call.scale
-    chunk_size = _check_kernel(checked, chunk_size)
-    if v.numel() == 0:              # B, H or V is 0 (T, K ≥ 1): nothing to compute
-        B, _, H, K = q.shape
-        ht = v.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
-        return v * 0, ht
+    from ..gla import SPEC
+    call = SPEC.check("kernel", q, k, v, g, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
+    scale, chunk_size = call.scale, _check_kernel(call.sig, chunk_size)
+    empty = call.sig.empty_result(v, output_final_state)
+    if empty is not None:           # B, H or V is 0: nothing to compute
+        return empty
     if g.dtype not in (q.dtype, torch.float32):
         g = g.float()               # the kernels read g in q's dtype or fp32; autograd casts dg back
     if torch.compiler.is_compiling():

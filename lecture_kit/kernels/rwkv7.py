@@ -676,8 +676,8 @@ _CHUNK_SIZES = (16, 32, 64)
 
 
 def _check_kernel(sig, chunk_size):
-    """What this kernel adds to the checks of ``rwkv7.SPEC`` (done by ``rwkv7.kernel``, or here for a
-    direct call): dtypes, head and chunk sizes, the device.  Returns the chunk size as an int."""
+    """What this kernel adds to the checks of ``rwkv7.SPEC`` (done first, by ``rwkv7_chunked``):
+    dtypes, head and chunk sizes, the device.  Returns the chunk size as an int."""
     sig.kernel_dtype()
     K = sig.kernel_head_size("K")
     sig.kernel_head_size("V", zero_ok=True)
@@ -877,7 +877,7 @@ _forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
 
 
 def rwkv7_chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_final_state=False,
-                  chunk_size=16, checked=None):
+                  chunk_size=16):
     """RWKV-7 generalised delta rule, chunkwise Triton kernel (see the module docstring for the math).
 
     Args:
@@ -889,26 +889,22 @@ def rwkv7_chunked(r, w, k, v, a, b, *, scale=1.0, initial_state=None, output_fin
         initial_state: None or [B, H, K, V], any float dtype, used in fp32 (fla layout: S ∈ R^{K×V}).
         output_final_state: also return S_T.
         chunk_size: 16 (default), 32 or 64.
-        checked: the ``Signature`` of ``rwkv7.kernel``, which has checked the arguments against
-            ``rwkv7.SPEC``; None (a direct call) checks them here.
 
     Returns:
         (o [B, T, H, V] in v.dtype, final state [B, H, K, V] fp32 or None); B, H or V = 0 give
         empty results.
 
     Differentiable in r, w, k, v, a, b and initial_state, with Triton backward kernels (module
-    docstring).
+    docstring).  This is ``rwkv7.kernel``: the arguments are checked against ``rwkv7.SPEC`` as every
+    form's are, then against what this kernel adds (``_check_kernel``).
     """
-    if checked is None:
-        from ..rwkv7 import SPEC
-        call = SPEC.check("kernel", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, chunk_size=chunk_size)
-        checked, scale = call.sig, call.scale
-    chunk_size = _check_kernel(checked, chunk_size)
-    if v.numel() == 0:              # B, H or V is 0 (T, K ≥ 1): nothing to compute
-        B, _, H, K = r.shape
-        final = v.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
-        return v * 0, final
+    from ..rwkv7 import SPEC
+    call = SPEC.check("kernel", r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, chunk_size=chunk_size)
+    scale, chunk_size = call.scale, _check_kernel(call.sig, chunk_size)
+    empty = call.sig.empty_result(v, output_final_state)
+    if empty is not None:           # B, H or V is 0: nothing to compute
+        return empty
     if w.dtype not in (r.dtype, torch.float32):
         w = w.float()               # the kernel reads w in r's dtype or fp32; autograd casts dw back
     if initial_state is not None:

@@ -748,9 +748,9 @@ def scalar_decay_chunked(q, k, v, log_decay, *, dt=None, scale=1.0, D=None,
     T, H = sig.size("T"), sig.size("H")
     sig.kernel_offsets(max(T * H * max(K, V), triton.cdiv(T, chunk_size) * K * V))
     sig.kernel_device(INTERPRETED)
-    if v.numel() == 0:              # B, H or V is 0 (T, K ≥ 1): nothing to compute
-        final = v.new_zeros(v.shape[0], H, K, V, dtype=torch.float32) if output_final_state else None
-        return v * 0, final
+    empty = sig.empty_result(v, output_final_state)
+    if empty is not None:           # B, H or V is 0: nothing to compute
+        return empty
 
     if D is not None:
         D = D if D.dim() == 2 else D[:, None].expand(H, V)
