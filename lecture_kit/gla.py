@@ -145,11 +145,12 @@ def chunked(
     and turns a reset, g = −∞, into −∞ − (−∞) = NaN.  With b the chunk-local cumsum of g:
       1. chunk states:    S_c = diag(exp b_C) S_{c-1} + (K ∘ exp(b_C − b))ᵀ V     (sequential)
       2. inter output:    O_inter = scale · (Q ∘ exp b) S_{c-1}
-      3. off-diagonal sub-blocks (query sub-chunk I, key sub-chunk J < I), split at the token
-         before I:  A_IJ = (Q_I ∘ exp β_I) (K_J ∘ exp(γ_J + Σ_{J<L<I} g_L))ᵀ, where β is the
-         cumsum of g inside a sub-chunk, γ its suffix sum and g_L a whole sub-chunk's sum: an
-         ordinary matmul with both factors bounded by 1 (safe in half precision on tensor cores)
-      4. diagonal sub-blocks pairwise: A_rs = Σ_d q_rd k_sd exp(β_rd − β_sd), s ≤ r, as a segsum
+      3. off-diagonal sub-blocks (query sub-chunk I, key sub-chunk J < I), with the reference
+         point b_ref = b at I's first row:  A_IJ = (Q_I ∘ exp(b_I − b_ref)) (K_J ∘ exp(b_ref − b_J))ᵀ,
+         b_I − b_ref summed over I's rows after the first, b_ref − b_J over the rest of J, the
+         sub-chunks between and I's first row: an ordinary matmul with both factors bounded by 1
+         (safe in half precision on tensor cores)
+      4. diagonal sub-blocks pairwise: A_rs = Σ_d q_rd k_sd exp(b_rd − b_sd), s ≤ r, as a segsum
       5. O = O_inter + scale · tril(A) V
     """
     _, scale, C = SPEC.check("chunked", q, k, v, g, scale=scale, initial_state=initial_state,
@@ -182,14 +183,19 @@ def chunked(
     # sub-chunk views [B, H, n, I, c, K]
     sub = lambda t: t.reshape(*t.shape[:3], n_sub, c, t.shape[-1])             # noqa: E731
     Qs, Ks, Gs = sub(Qc), sub(Kc), sub(Gc)
-    beta, gamma = Gs.cumsum(dim=-2), _suffix_sums(Gs, dim=-2)                  # [B, H, n, I, c, K]
-    # 3. off-diagonal sub-blocks: Σ_{J<L<I} g_L is the segsum of the sub-chunk sums at (I − 1, J);
-    #    shifted down one row, with −∞ for J ≥ I, so that those blocks vanish (masked before exp)
+    first = Gs[..., :1, :]                                                      # g at each I's first row
+    # 3. off-diagonal sub-blocks.  Query side b_I − b_ref: the cumsum of I's gates after its first row
+    query_exp = torch.cat([torch.zeros_like(first), Gs[..., 1:, :]], dim=-2).cumsum(dim=-2)
+    #    key side b_ref − b_J: J's suffix sum, the sums of the sub-chunks J < L < I (the segsum of the
+    #    sub-chunk sums at (I − 1, J), shifted down a row, −∞ for J ≥ I: those blocks vanish, masked
+    #    before exp) and I's first gate
     between = segsum(Gs.sum(dim=-2).transpose(-1, -2))                          # [B, H, n, K, I, J]
     between = torch.cat([torch.full_like(between[..., :1, :], float("-inf")), between[..., :-1, :]], dim=-2)
-    key_exp = gamma[:, :, :, None] + between.permute(0, 1, 2, 4, 5, 3)[..., None, :]  # [B, H, n, I, J, c, K]
-    A_off = torch.einsum("bhnirk,bhnijsk->bhnijrs", Qs * torch.exp(beta), Ks[:, :, :, None] * torch.exp(key_exp))
-    # 4. diagonal sub-blocks, pairwise: exp(β_r − β_s) = exp(g_{s+1} + ⋯ + g_r), 0 for s > r
+    key_exp = (_suffix_sums(Gs, dim=-2)[:, :, :, None] + first[:, :, :, :, None]
+               + between.permute(0, 1, 2, 4, 5, 3)[..., None, :])             # [B, H, n, I, J, c, K]
+    A_off = torch.einsum("bhnirk,bhnijsk->bhnijrs", Qs * torch.exp(query_exp),
+                         Ks[:, :, :, None] * torch.exp(key_exp))
+    # 4. diagonal sub-blocks, pairwise: exp(b_r − b_s) = exp(g_{s+1} + ⋯ + g_r), 0 for s > r
     pair = torch.exp(segsum(Gs.transpose(-1, -2)))                              # [B, H, n, I, K, c, c]
     A_diag = torch.einsum("bhnirk,bhnisk,bhnikrs->bhnirs", Qs, Ks, pair)
     A_blocks = A_off.clone()                                                    # [B, H, n, I, J, c, c]

@@ -127,19 +127,22 @@ def edge_cases():
     for name in MIXERS:
         for form in EDGE_FORMS:
             form_name = form if isinstance(form, str) else form.values[0]
-            for value in (-math.inf, -1e4, -1e6):
-                for token in (16, 21):                    # a chunk's first token, and one inside it
-                    marks = list(form.marks) if not isinstance(form, str) else []
-                    yield pytest.param(name, form_name, value, token, marks=marks,
-                                       id=f"{name}-{form_name}-{value:g}-t{token}")
+            for chunk_size in ((16, 64) if form_name in ("chunked", "kernel") else (None,)):
+                for value in (-math.inf, -1e4, -1e6):
+                    for token in (16, 21):    # a chunk's (or a 16-token sub-chunk's) first token, one inside
+                        marks = list(form.marks) if not isinstance(form, str) else []
+                        chunk = f"-C{chunk_size}" if chunk_size else ""
+                        yield pytest.param(name, form_name, chunk_size, value, token, marks=marks,
+                                           id=f"{name}-{form_name}{chunk}-{value:g}-t{token}")
 
 
-@pytest.mark.parametrize("name,form,value,token", list(edge_cases()))
-def test_resets_and_steep_decays_match_the_fp64_recurrence(name, form, value, token):
+@pytest.mark.parametrize("name,form,chunk_size,value,token", list(edge_cases()))
+def test_resets_and_steep_decays_match_the_fp64_recurrence(name, form, chunk_size, value, token):
     """A log-decay of −inf (the state forgets everything: a document boundary) or of −1e4, −1e6 among
     ordinary ones (``testing.with_log_decay``), in fp32, against the fp64 recurrence on the same
     inputs, within the ordinary fp32 bound.  A difference of two cumulative sums loses everything
-    beside such a step (and gives −inf − (−inf) = NaN at a reset); a segment sum does not."""
+    beside such a step (and gives −inf − (−inf) = NaN at a reset); a segment sum does not.  Chunks
+    of 64 hold the 40 tokens in one chunk of three sub-chunks (GLA's off-diagonal blocks)."""
     m = mixer(name)
     args, kw = random_inputs(name, **EDGE_SIZES, seed=token)
     args = with_log_decay(name, args, value, token)
@@ -151,7 +154,7 @@ def test_resets_and_steep_decays_match_the_fp64_recurrence(name, form, value, to
         assert torch.isfinite(M).all()
         assert_close("matrix @ values", out, ref, "fp32")
         return
-    options = {"chunk_size": 16} if form in ("chunked", "kernel") else {}
+    options = {"chunk_size": chunk_size} if chunk_size else {}
     out, state = getattr(m, form)(*args, **kw, output_final_state=True, **options)
     ref, ref_state = m.recurrent(*to_reference(args), **to_reference(kw), output_final_state=True)
     assert torch.isfinite(out).all() and torch.isfinite(state).all()
