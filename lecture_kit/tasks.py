@@ -6,8 +6,9 @@ Each task draws a batch ``(tokens, targets)`` of two int64 tensors of one shape 
 ``IGNORE`` (−100, the default ``ignore_index`` of ``torch.nn.functional.cross_entropy``) marks a
 position that is not scored; ``train``'s loss and ``masked_accuracy`` both skip it.
 
-    parity_batch   a start token, then random bits       target at bit t: the parity of bits 1 … t
-    mqar_batch     key–value pairs, then the keys again   target at a repeated key: the value paired with it
+    parity_batch          a start token, then random bits       target at bit t: the parity of bits 1 … t
+    mqar_batch            key–value pairs, then the keys again   target at a repeated key: the value paired with it
+    delayed_recall_batch  one value among fillers, then a query  target at the query: the value, D tokens back
 
 ``train`` fits a model tokens [B, T] → logits [B, T, vocab] on batches drawn from one seeded
 generator (AdamW, a one-cycle schedule, gradients clipped to norm 1); ``masked_accuracy`` scores the
@@ -72,6 +73,43 @@ def mqar_batch(n: int, generator: torch.Generator, *, pairs: int, n_keys: int, n
     context = torch.stack([keys, values], dim=-1).flatten(1)                           # κ_1 ν_1 … κ_p ν_p
     tokens = torch.cat([context, keys.gather(1, order)], dim=1)
     targets = torch.cat([torch.full_like(context, IGNORE), values.gather(1, order)], dim=1)
+    return tokens.to(device), targets.to(device)
+
+
+def delayed_recall_batch(n: int, length: int, generator: torch.Generator, *, n_values: int, n_fillers: int,
+                         distance: int | None = None, device=None):
+    """Recall one value across a distance: ``n`` sequences of ``length`` filler tokens, one of them replaced
+    by a value D positions before the last, and a query token last; the target at the query is the value.
+
+        tokens   [n, length]   φ … φ ν φ … φ ?        ν at position length − 1 − D, ? the query token
+        targets  [n, length]   IGNORE …      IGNORE ν    only the query (the last position) is scored
+
+    Values ν are the tokens 0 … n_values − 1, fillers φ the tokens n_values … n_values + n_fillers − 1
+    (each drawn uniformly and independently), and the query token is n_values + n_fillers, so the
+    vocabulary has n_values + n_fillers + 1 tokens.  The distance D from the value to the query is
+    ``distance`` for every sequence (1 ≤ distance ≤ length − 1), or, when ``distance`` is None, drawn
+    uniformly from 1 … length − 1 per sequence.  int64, drawn on the CPU from ``generator`` and moved to
+    ``device``.
+    """
+    owner = "delayed_recall_batch"
+    for name, value in (("n", n), ("n_values", n_values), ("n_fillers", n_fillers)):
+        _positive_int(owner, name, value)
+    _positive_int(owner, "length", length)
+    if length < 2:
+        raise ValueError(f"{owner}: length must be at least 2 (a value and the query), got {length}")
+    if distance is None:
+        D = torch.randint(1, length, (n,), generator=generator)
+    else:
+        _positive_int(owner, "distance", distance)
+        if distance > length - 1:
+            raise ValueError(f"{owner}: distance must be at most length − 1 = {length - 1}, got {distance}")
+        D = torch.full((n,), distance)
+    tokens = n_values + torch.randint(0, n_fillers, (n, length), generator=generator)
+    values = torch.randint(0, n_values, (n,), generator=generator)
+    tokens[torch.arange(n), length - 1 - D] = values
+    tokens[:, -1] = n_values + n_fillers
+    targets = torch.full_like(tokens, IGNORE)
+    targets[:, -1] = values
     return tokens.to(device), targets.to(device)
 
 

@@ -1,5 +1,6 @@
-"""The synthetic tasks of zone 5: batch shapes, targets that are right by construction, determinism under a
-seed, the masked accuracy, and a training loop that learns a task that is trivially learnable."""
+"""The synthetic tasks of zone 5: batch shapes, targets that are right by construction (parity, MQAR, delayed
+recall and its distances), determinism under a seed, the masked accuracy, and a training loop that learns a
+task that is trivially learnable."""
 import math
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 from lecture_kit.blocks import seeded
-from lecture_kit.tasks import IGNORE, PARITY_START, masked_accuracy, mqar_batch, parity_batch, train
+from lecture_kit.tasks import (IGNORE, PARITY_START, delayed_recall_batch, masked_accuracy, mqar_batch,
+                               parity_batch, train)
 
 TASK = dict(pairs=5, n_keys=12, n_values=7)
 
@@ -57,8 +59,38 @@ def test_mqar_queries_are_reordered():
     assert not torch.equal(keys, queries)                  # not simply the keys in the same order
 
 
+RECALL = dict(n_values=6, n_fillers=9)
+
+
+def test_delayed_recall_batch_layout():
+    n, length = 40, 13
+    tokens, targets = delayed_recall_batch(n, length, gen(5), **RECALL)
+    assert tokens.shape == targets.shape == (n, length) and tokens.dtype == targets.dtype == torch.int64
+    query, n_values = RECALL["n_values"] + RECALL["n_fillers"], RECALL["n_values"]
+    assert (tokens[:, -1] == query).all() and (targets[:, :-1] == IGNORE).all()
+    for row, answers in zip(tokens.tolist(), targets.tolist()):
+        values = [(i, t) for i, t in enumerate(row[:-1]) if t < n_values]      # exactly one value ...
+        assert len(values) == 1 and answers[-1] == values[0][1]                 # ... and it is the answer
+        assert all(n_values <= t < query for t in row[:-1] if t >= n_values)    # the rest are fillers
+
+
+def test_delayed_recall_batch_distances():
+    length = 9
+    tokens, _ = delayed_recall_batch(2000, length, gen(6), **RECALL)
+    position = (tokens[:, :-1] < RECALL["n_values"]).int().argmax(dim=1)
+    distances = length - 1 - position
+    assert sorted(distances.unique().tolist()) == list(range(1, length))     # every distance 1 … length − 1
+    counts = torch.bincount(distances, minlength=length)[1:].double()
+    assert counts.min() > 0.8 * counts.mean()                                # roughly uniform
+    for D in (1, 4, length - 1):
+        tokens, _ = delayed_recall_batch(50, length, gen(7), distance=D, **RECALL)
+        assert (tokens[:, length - 1 - D] < RECALL["n_values"]).all()
+        assert (tokens[:, :-1] < RECALL["n_values"]).sum(dim=1).tolist() == [1] * 50
+
+
 def test_batches_are_deterministic_under_a_seed():
-    for draw in (lambda g: parity_batch(5, 30, g), lambda g: mqar_batch(5, g, **TASK)):
+    for draw in (lambda g: parity_batch(5, 30, g), lambda g: mqar_batch(5, g, **TASK),
+                 lambda g: delayed_recall_batch(5, 30, g, **RECALL)):
         a, b, c = draw(gen(7)), draw(gen(7)), draw(gen(8))
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert not torch.equal(a[0], c[0])
@@ -70,6 +102,10 @@ def test_batches_are_deterministic_under_a_seed():
     (lambda: mqar_batch(2, gen(), pairs=0, n_keys=4, n_values=4), "pairs"),
     (lambda: mqar_batch(2, gen(), pairs=5, n_keys=4, n_values=4), "pairs"),
     (lambda: mqar_batch(2, gen(), pairs=2, n_keys=4, n_values=0), "n_values"),
+    (lambda: delayed_recall_batch(2, 1, gen(), **RECALL), "length"),
+    (lambda: delayed_recall_batch(2, 5, gen(), distance=5, **RECALL), "distance"),
+    (lambda: delayed_recall_batch(2, 5, gen(), distance=0, **RECALL), "distance"),
+    (lambda: delayed_recall_batch(2, 5, gen(), n_values=3, n_fillers=0), "n_fillers"),
 ])
 def test_bad_sizes_raise_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf"(?<![\w.]){name}(?![\w])"):
