@@ -119,3 +119,9 @@ def test_make_cpu_1_refuses_a_venv_that_holds_the_cuda_build(tmp_path):
         assert (done.returncode == 0) is ok, done.stdout + done.stderr
         assert ("already holds PyTorch's CUDA build" in done.stdout) is not ok, done.stdout
     assert subprocess.run(["make", f"VENV={venv}", "venv"], cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_binder_installs_the_requirements_with_pytorchs_cpu_build():
+    lines = [line.strip() for line in (ROOT / "binder" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines == ["--extra-index-url https://download.pytorch.org/whl/cpu", "-r ../requirements.txt"]
