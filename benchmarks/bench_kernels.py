@@ -33,7 +33,7 @@ import triton
 from triton.testing import do_bench
 
 from lecture_kit import fast_dtype
-from lecture_kit._validate import set_value_checks
+from lecture_kit import set_value_checks
 from lecture_kit.testing import mixer as mixer_module
 
 DT = fast_dtype()       # bf16 from compute capability 8.0 (the H200 record); fp16 below it, e.g. a T4

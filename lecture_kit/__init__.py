@@ -24,7 +24,9 @@ except _PackageNotFoundError:                      # imported from a source tree
 if not HAS_CUDA:
     _warn_if_gpu_unused()
 
+from ._validate import set_value_checks  # noqa: E402
 from . import semiseparable, ssd, retnet, gla, rwkv7  # noqa: E402  (after the environment is set)
 
 __all__ = ["HAS_CUDA", "HAS_TRITON", "DEVICE", "TRITON_INTERPRETED", "by_device", "capability", "fast_dtype",
-           "skip_triton_cells", "semiseparable", "ssd", "retnet", "gla", "rwkv7", "__version__"]
+           "set_value_checks", "skip_triton_cells", "semiseparable", "ssd", "retnet", "gla", "rwkv7",
+           "__version__"]
