@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import Signature, compute_dtype, positive_float, positive_int
+from .._validate import Signature, compute_dtype, positive_float, positive_int, set_value_checks
 from ._validate import feature_width
 
 
@@ -74,6 +74,10 @@ class Mixer(nn.Module):
 
     Being a module, it can be hooked (``register_forward_hook``) to read the mixer's exact inputs and
     output inside a model.  The layers' ``step`` calls ``forms.recurrent`` on one token instead.
+
+    The layers make their decays valid by construction (Δ = softplus(·) ≥ 0, A = −exp(·) < 0,
+    logsigmoid gates ≤ 0, RWKV-7's bounded w, RetNet's fixed γ), so the mixer runs without the value
+    checks (``lecture_kit.set_value_checks``), which would synchronise with the GPU on every call.
     """
 
     def __init__(self, forms, chunk_size: int = 64):
@@ -85,7 +89,8 @@ class Mixer(nn.Module):
         first = inputs[0]
         use_kernel = first.is_cuda and first.dtype != torch.float64 and hasattr(self.forms, "kernel")
         form = self.forms.kernel if use_kernel else self.forms.chunked
-        return form(*inputs, chunk_size=self.chunk_size, **options)
+        with set_value_checks(False):
+            return form(*inputs, chunk_size=self.chunk_size, **options)
 
     def extra_repr(self) -> str:
         return f"{self.forms.__name__.rsplit('.', 1)[-1]}, chunk_size={self.chunk_size}"
