@@ -6,7 +6,12 @@
 # Every notebook is executed on every run (execute_notebooks: force, --all).
 # Fails on: any Sphinx warning (-W) or broken reference (-n), any exception raised in a notebook
 # cell, a _toc.yml entry without an HTML page, Jupyter Book 2 (which ignores _config.yml), a page
-# that loads a script from another site or a file the site lacks (see .ci/check_book.py).
+# that loads a script from another site or a file the site lacks, a ✓ line that the claims ledger
+# lacks (see .ci/check_book.py).
+#
+# The claims ledger (book/claims.md) is written during the same build: lecture_kit.ledger, a
+# Sphinx extension, has each notebook's kernel record its checks into _build/.doctrees/claims/
+# and reads the ledger page after all the others (see that module).
 #
 # The site serves its own MathJax (sphinx-mathjax-offline) and, when npm is at hand, its own widget
 # manager (below), so that a book built here shows its math and widgets offline.

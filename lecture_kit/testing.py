@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
+import operator
 from typing import NamedTuple
 
 import torch
 
 from ._spec import Draw
+from .claims import record, show
 
 #: (rel_rms, max_abs) bounds of math.md §5.3, by what is being compared.
 TOLERANCE = {
@@ -71,6 +74,7 @@ def check(claim: str, actual: torch.Tensor, reference: torch.Tensor, bounds) -> 
     line = (f"{'✓' if ok else '✗'} {claim}   rel. RMS error {e.rel_rms:.1e} (≤ {bounds[0]:.0e}), "
             f"max error {e.max_abs:.1e} (≤ {bounds[1]:.0e})")
     print(line)
+    record(claim, ok, e._asdict(), "≤", dict(zip(Errors._fields, bounds)), device=actual.device)
     assert ok, line
     return e
 
@@ -82,7 +86,47 @@ def check_equal(claim: str, actual, expected):
     ok = actual == expected
     line = f"{'✓' if ok else '✗'} {claim}   {show(actual)} (expected {show(expected)})"
     print(line)
+    record(claim, ok, actual, "=", expected)
     assert ok, line
+
+
+#: The relations ``check_bound`` takes: each one's comparison and the symbol its line prints.
+BOUND_RELATIONS = {"<": (operator.lt, "<"), "<=": (operator.le, "≤"),
+                   ">": (operator.gt, ">"), ">=": (operator.ge, "≥")}
+
+
+def check_bound(claim: str, value, relation: str, bound):
+    """The checking cell of a claim that one number lies on one side of a bound (a growth factor
+    below 8, an accuracy of at least 95%, a largest exponent ≤ 0): assert ``value relation bound``
+    for ``relation`` one of ``"<"``, ``"<="``, ``">"``, ``">="``, print one line,
+    ``✓ claim   0.98 (< 1)``, and return ``value`` as a Python number.
+
+    ``value`` and ``bound`` are real numbers or one-element tensors; a NaN fails every relation.
+    Value and bound are written with as many digits as it takes to tell them apart.
+    """
+    if relation not in BOUND_RELATIONS:
+        raise ValueError(f"relation must be one of {tuple(BOUND_RELATIONS)}, got {relation!r}")
+    value, bound = _real("value", value), _real("bound", bound)
+    holds, symbol = BOUND_RELATIONS[relation]
+    ok = holds(value, bound)
+    line = (f"{'✓' if ok else '✗'} {claim}   {show(value, near=bound)} "
+            f"({symbol} {show(bound, near=value)})")
+    print(line)
+    record(claim, ok, value, symbol, bound)
+    assert ok, line
+    return value
+
+
+def _real(name: str, x) -> int | float:
+    """``x`` as a Python int or float: a real number, or a tensor of one real element."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a real number or a one-element tensor, "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be a real number or a one-element tensor, got {x!r}")
+    return int(x) if isinstance(x, numbers.Integral) else float(x)
 
 
 def to_reference(tree):
