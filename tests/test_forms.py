@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lecture_kit import retnet
+from lecture_kit._spec import FORMS
 from lecture_kit.hardware import HAS_TRITON
 from lecture_kit.testing import (MIXERS, TOLERANCE, assert_close, check_gradients, errors, matrix_args, mixer,
                                  random_inputs, sequential_fp32_bounds, spec, to_reference, values_of,
@@ -119,21 +120,19 @@ def test_sequential_fp32_bounds_cover_a_long_recurrence_and_stay_tight_for_short
 # ------------------------------------------------------------------------------------------------
 
 EDGE_SIZES = dict(batch=1, length=40, heads=2, key_dim=16, value_dim=16, dtype=torch.float32, initial_state=True)
-EDGE_FORMS = ["recurrent", "parallel", "chunked", "matrix",
-              pytest.param("kernel", marks=pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot be imported"))]
+#: All five forms, or all but ``kernel`` where Triton cannot be imported (tests/test_without_triton.py).
+EDGE_FORMS = [f for f in FORMS if HAS_TRITON or f != "kernel"]
 
 
 def edge_cases():
     for name in MIXERS:
         for form in EDGE_FORMS:
-            form_name = form if isinstance(form, str) else form.values[0]
-            for chunk_size in ((16, 64) if form_name in ("chunked", "kernel") else (None,)):
+            for chunk_size in ((16, 64) if form in ("chunked", "kernel") else (None,)):
                 for value in (-math.inf, -1e4, -1e6):
                     for token in (16, 21):    # a chunk's (or a 16-token sub-chunk's) first token, one inside
-                        marks = list(form.marks) if not isinstance(form, str) else []
                         chunk = f"-C{chunk_size}" if chunk_size else ""
-                        yield pytest.param(name, form_name, chunk_size, value, token, marks=marks,
-                                           id=f"{name}-{form_name}{chunk}-{value:g}-t{token}")
+                        yield pytest.param(name, form, chunk_size, value, token,
+                                           id=f"{name}-{form}{chunk}-{value:g}-t{token}")
 
 
 @pytest.mark.parametrize("name,form,chunk_size,value,token", list(edge_cases()))
@@ -172,13 +171,10 @@ NAN_T, NAN_CHUNK = 21, 16          # token 21 lies in the second chunk, tokens 1
 def nan_cases():
     for name in MIXERS:
         for form in EDGE_FORMS:
-            form_name = form if isinstance(form, str) else form.values[0]
             for arg in spec(name).inputs:
-                if arg.activation and (form_name != "matrix" or arg.name != spec(name).values):
+                if arg.activation and (form != "matrix" or arg.name != spec(name).values):
                     for value in (math.nan, math.inf):
-                        yield pytest.param(name, form_name, arg.name, value,
-                                           marks=list(form.marks) if not isinstance(form, str) else [],
-                                           id=f"{name}-{form_name}-{arg.name}-{value}")
+                        yield pytest.param(name, form, arg.name, value, id=f"{name}-{form}-{arg.name}-{value}")
 
 
 @pytest.mark.parametrize("name,form,arg,value", list(nan_cases()))

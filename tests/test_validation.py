@@ -1,9 +1,9 @@
 """Every input of every form of every mixer is computed right or refused with a ValueError naming it.
 
 Parametrised from each mixer's ``SPEC`` (lecture_kit/_spec.py): its arguments, their shapes, which
-are decays and their signs, its defaults.  ``kernel`` is one of the forms: on a CPU it runs through
-Triton's interpreter, so the inputs are tiny (T = 9, K = V = 16) and fp32, and most calls here are
-refused before any launch.  Classes of input covered: wrong type, rank, size, dtype and device of each
+are decays and their signs, its defaults.  ``kernel`` is one of the forms where Triton can be imported
+(tests/test_without_triton.py covers the rest): on a CPU it runs through Triton's interpreter, so the
+inputs are tiny (T = 9, K = V = 16) and fp32, and most calls here are refused before any launch.  Classes of input covered: wrong type, rank, size, dtype and device of each
 tensor; a non-tensor first argument with everything after it wrong too; decays of the wrong sign,
 NaN or inf (and the same accepted when value checks are off); chunk sizes of every integer type and
 of none; scale (finite numbers only, never a tensor); output_final_state; empty batches, no heads and
@@ -23,7 +23,8 @@ from lecture_kit._validate import set_value_checks
 from lecture_kit.hardware import HAS_TRITON
 from lecture_kit.testing import MIXERS, assert_close, matrix_args, mixer, random_inputs, spec, to_reference
 
-NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot be imported")
+#: The forms to test here: all five, or all but ``kernel`` where Triton cannot be imported.
+FORMS_HERE = [f for f in FORMS if HAS_TRITON or f != "kernel"]
 SIZES = dict(length=9, heads=2, key_dim=16, value_dim=16)
 
 
@@ -64,14 +65,13 @@ def replaced(args, kw, arg, index, value):
 
 
 def cases(rows):
-    """pytest parameters from rows (mixer, form, ...): ids from the rows, the kernel's skipped where
-    Triton cannot be imported."""
-    return [pytest.param(*row, id="-".join(str(x).removeprefix("torch.") for x in row if x is not None),
-                         marks=NEEDS_TRITON if row[1] == "kernel" else ()) for row in rows]
+    """pytest parameters from rows (mixer, form, ...), with ids from the rows."""
+    return [pytest.param(*row, id="-".join(str(x).removeprefix("torch.") for x in row if x is not None))
+            for row in rows]
 
 
-CASES = cases((n, f) for n in MIXERS for f in FORMS)
-ARG_CASES = cases((n, f, a, i) for n in MIXERS for f in FORMS for a, i in tensor_args(n, f))
+CASES = cases((n, f) for n in MIXERS for f in FORMS_HERE)
+ARG_CASES = cases((n, f, a, i) for n in MIXERS for f in FORMS_HERE for a, i in tensor_args(n, f))
 
 
 @pytest.mark.parametrize("name,form", CASES)
@@ -106,7 +106,7 @@ def test_a_non_tensor_first_argument_is_named_before_anything_else(name, form):
     raises_naming(first, lambda: call(name, form, ([1.0, 2.0],) + (None,) * (len(args) - 1), kw))
 
 
-@pytest.mark.parametrize("name,form,arg", cases((n, f, a.name) for n in MIXERS for f in FORMS
+@pytest.mark.parametrize("name,form,arg", cases((n, f, a.name) for n in MIXERS for f in FORMS_HERE
                                                  for a in spec(n).inputs if a.sign))
 def test_decays_of_the_wrong_sign_nan_or_inf_are_refused_unless_value_checks_are_off(name, form, arg):
     args, kw = inputs(name)
@@ -127,7 +127,7 @@ def test_set_value_checks_takes_a_bool():
         set_value_checks(1)
 
 
-@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS for f in ("chunked", "kernel")))
+@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS for f in FORMS_HERE if f in ("chunked", "kernel")))
 def test_chunk_sizes_of_any_integer_type_and_nothing_else(name, form):
     args, kw = inputs(name)
     for bad in (0, -16, 2.5, 16.0, "16", True, np.bool_(True), torch.tensor(16.0), torch.tensor([16]),
@@ -137,18 +137,14 @@ def test_chunk_sizes_of_any_integer_type_and_nothing_else(name, form):
     for same in (np.int64(16), np.int32(16), torch.tensor(16), torch.tensor(16, dtype=torch.int32)):
         o2, S2 = call(name, form, args, kw, chunk_size=same, output_final_state=True)
         assert torch.equal(o, o2) and torch.equal(S, S2)
+    if form == "kernel":                                            # and the kernel's own sizes
+        raises_naming("chunk_size", lambda: call(name, form, args, kw, chunk_size=48))
+        if name == "rwkv7":                                         # chunk_size · K ≤ 4096
+            wide, wide_kw = inputs(name, batch=1, heads=1, key_dim=128)
+            raises_naming("chunk_size", lambda: call(name, form, wide, wide_kw, chunk_size=64))
 
 
-@NEEDS_TRITON
-def test_kernel_chunk_sizes_are_the_kernels():
-    for name in MIXERS:
-        args, kw = inputs(name)
-        raises_naming("chunk_size", lambda: call(name, "kernel", args, kw, chunk_size=48))
-    args, kw = random_inputs("rwkv7", batch=1, length=9, heads=1, key_dim=128, value_dim=16, dtype=torch.float32)
-    raises_naming("chunk_size", lambda: call("rwkv7", "kernel", args, kw, chunk_size=64))   # 64·128 > 4096
-
-
-@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS if spec(n).scale is not None for f in FORMS))
+@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS if spec(n).scale is not None for f in FORMS_HERE))
 def test_scale_is_a_finite_number_never_a_tensor(name, form):
     """rwkv7.kernel used to take a tensor scale and drop its gradient; NaN and inf scales ran."""
     args, kw = inputs(name)
@@ -169,7 +165,7 @@ def test_scale_is_a_finite_number_never_a_tensor(name, form):
                            explicit[0] if isinstance(explicit, tuple) else explicit)
 
 
-@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS for f in FORMS if f != "matrix"))
+@pytest.mark.parametrize("name,form", cases((n, f) for n in MIXERS for f in FORMS_HERE if f != "matrix"))
 def test_output_final_state_is_a_bool(name, form):
     args, kw = inputs(name)
     for bad in ("yes", 1, None):
@@ -204,7 +200,7 @@ def test_no_tokens_or_no_key_channels_are_refused(name, form):
 
 
 @pytest.mark.parametrize("name,form,arg,index,dtype", cases(
-    (n, f, a, i, dtype) for n in MIXERS for f in FORMS for a, i in tensor_args(n, f)
+    (n, f, a, i, dtype) for n in MIXERS for f in FORMS_HERE for a, i in tensor_args(n, f)
     if not spec(n).arg(a).activation for dtype in (torch.float64, torch.bfloat16)))
 def test_gates_parameters_and_states_in_any_float_dtype(name, form, arg, index, dtype):
     """Decays, gates, parameters and states may have any float dtype beside fp32 activations, in every
@@ -226,7 +222,7 @@ def test_gates_parameters_and_states_in_any_float_dtype(name, form, arg, index, 
     assert_close("final state", out[1], ref[1], "fp32")
 
 
-@pytest.mark.parametrize("name,form", cases(("ssd", f) for f in FORMS))
+@pytest.mark.parametrize("name,form", cases(("ssd", f) for f in FORMS_HERE))
 def test_ssd_groups_and_skip_weight(name, form):
     args, kw = inputs("ssd")
     x, dt, A, B, C = args
@@ -237,16 +233,18 @@ def test_ssd_groups_and_skip_weight(name, form):
         raises_naming("D", lambda: call("ssd", form, args, {**kw, "D": torch.ones(2, 16, 1)}))
 
 
-@NEEDS_TRITON
-def test_kernel_limits_name_the_callers_arguments():
-    """The kernel's own limits (dtype, head sizes) in the user's words: ssd.kernel speaks of x and N,
-    not of the shared kernel's v and K; retnet.kernel of log_gamma, not log_decay."""
-    args, kw = random_inputs("ssd", batch=1, length=9, heads=2, key_dim=12, value_dim=16)
-    with pytest.raises(ValueError, match=r"ssd\.kernel: x has dtype torch\.float64"):
-        call("ssd", "kernel", args, kw)
-    args, kw = random_inputs("ssd", batch=1, length=9, heads=2, key_dim=12, value_dim=16, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"ssd\.kernel: N = 12 \(from B\)"):
-        call("ssd", "kernel", args, kw)
-    args, kw = random_inputs("retnet", batch=1, length=9, heads=2, key_dim=16, value_dim=16, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"retnet\.kernel: log_gamma is a log-decay"):
-        call("retnet", "kernel", args[:3] + (-args[3],), kw)
+@pytest.mark.parametrize("name,form", CASES)
+def test_float64_and_odd_head_sizes_are_the_kernels_limits_alone(name, form):
+    """The PyTorch forms compute float64 inputs and head sizes that are not powers of two; the kernel
+    refuses them, in the caller's words (ssd.kernel speaks of x, N and P, not of the shared kernel's
+    v, K and V)."""
+    s = spec(name)
+    for sizes, dtype, says in (({}, torch.float64, f"{s.inputs[0].name} has dtype torch.float64"),
+                               ({"key_dim": 12}, torch.float32, f"{s.key_dim} = 12"),
+                               ({"value_dim": 12}, torch.float32, f"{s.value_dim} = 12")):
+        args, kw = inputs(name, dtype=dtype, **sizes)
+        if form == "kernel":
+            with pytest.raises(ValueError, match=rf"^{name}\.kernel: {re.escape(says)}\b"):
+                call(name, form, args, kw)
+        else:
+            call(name, form, args, kw)
