@@ -49,11 +49,11 @@ def test_show_lists_a_whole_function_with_its_file_and_lines():
 
 def test_show_finds_a_marked_block_of_a_triton_kernel():
     whole = show(scalar_decay._chunk_output_kernel)             # a JITFunction, unwrapped
-    block = show(scalar_decay._chunk_output_kernel, "i_v, n, i_bh", "lam, lam_last, w =")
+    block = show(scalar_decay._chunk_output_kernel, "i_v, n, i_bh", "for i_h in range(HEADS)")
     lines = block.code.splitlines()
-    assert "i_v, n, i_bh" in lines[0] and not any("lam, lam_last, w =" in line for line in lines)
+    assert "i_v, n, i_bh" in lines[0] and not any("for i_h in range(HEADS)" in line for line in lines)
     assert block.code.splitlines()[0].strip() in whole.code and len(lines) < len(whole.code.splitlines())
-    tail = show(scalar_decay._chunk_output_kernel, "lam, lam_last, w =")   # to the end
+    tail = show(scalar_decay._chunk_output_kernel, "for i_h in range(HEADS)")   # to the end
     assert tail.code.splitlines()[-1].strip() == whole.code.splitlines()[-1].strip()
     assert tail.title.startswith("lecture_kit/kernels/scalar_decay.py, lines ")
 
