@@ -135,7 +135,9 @@ def _bound_text(r: dict) -> str:
 
 
 def _entry(*children) -> nodes.entry:
-    return nodes.entry("", nodes.paragraph("", "", *children))
+    """A table cell holding ``children``, which keep their quotes and dashes as the verdict line
+    printed them (Sphinx's smart quotes would turn SSM's into SSM’s)."""
+    return nodes.entry("", nodes.paragraph("", "", *children, support_smartquotes=False))
 
 
 def _book_order(env) -> list[str]:

@@ -147,7 +147,7 @@ def test_a_book_build_gathers_every_claim_into_the_ledger(tmp_path):
     b = code_notebook(imports,
                       "x = torch.randn(9, dtype=torch.float64)\ncheck('x = x', x, x, 'fp64')",
                       "for n in range(3):\n    check_equal(f'n = {n}', n, n)")
-    c = code_notebook(imports, "check_bound('max |λ| < 1', 0.99995, '<', 1)",
+    c = code_notebook(imports, "check_bound(\"the SSM's max |λ| -- below 1\", 0.99995, '<', 1)",
                       "print('✓ a claim checked by hand')")
     b.cells.insert(0, nbformat.v4.new_markdown_cell("# Page B"))
     c.cells.insert(0, nbformat.v4.new_markdown_cell("# Page C"))
@@ -168,9 +168,10 @@ def test_a_book_build_gathers_every_claim_into_the_ledger(tmp_path):
     assert "This build checked 5 claims on 2 pages, and all held" in page
     assert "0.99995" in page and "(fp64)" in page
     docs = ["index", "a_ledger", "pages/b", "pages/c"]
-    problems = check_book.check_ledger(out, tmp_path / "_build" / "jupyter_execute", docs)
-    assert len(problems) == 1 and "pages/c, cell [3]" in problems[0] and "by hand" in problems[0]
+    problems = check_book.check_ledger(out, docs)
+    assert len(problems) == 1 and problems[0].startswith("pages/c.html: 1 of its 2 ✓/✗ lines")
+    assert problems[0].endswith("first: ✓ a claim checked by hand")
     for anchor in ("claim-cell-2-pages-b", "claim-cell-3-pages-b"):
         assert f'id="{anchor}"' in (out / "pages" / "b.html").read_text()
     records = claims.read(tmp_path / "_build" / ".doctrees" / "claims" / "pages" / "c.jsonl")
-    assert [(r["claim"], r["cell"]) for r in records] == [("max |λ| < 1", 2)]
+    assert [(r["claim"], r["cell"]) for r in records] == [("the SSM's max |λ| -- below 1", 2)]
