@@ -27,7 +27,7 @@ from ._spec import KEYS, VALUES, Arg, MixerSpec, chunk_description, queries, sca
 from ._validate import compute_dtype, pad_time
 from .semiseparable import segsum
 
-#: Sub-chunk length of the chunked form's secondary tiling (math.md §3.2; fla's BC).
+#: Sub-chunk length of the chunked form's secondary tiling (notebooks 03d and 04b; fla's BC).
 SUB_CHUNK = 16
 
 
@@ -136,7 +136,7 @@ def chunked(
     scale: float | None = None, initial_state: torch.Tensor | None = None,
     output_final_state: bool = False, chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """GLA's chunkwise algorithm with secondary (sub-chunk) tiling, math.md §3.2.
+    """GLA's chunkwise algorithm with secondary (sub-chunk) tiling, notebooks 03d and 04b.
 
     Chunks of C = chunk_size tokens, sub-chunks of c = 16 (or C if 16 does not divide it).  Every
     exponent below is a sum of gates over a segment of tokens, b_C − b_s = g_{s+1} + ⋯ + g_C, say,

@@ -43,7 +43,7 @@ def matrix_heatmap(ax: Axes, M, *, chunk_size: int | None = None, labels: Sequen
     * Colours: if ``signed`` (default: M has a negative entry) a diverging map with limits ±max|M|,
       else a sequential map from 0 to max M.
     * If M is lower-triangular (causal), its upper triangle is drawn in grey, not as zeros.
-    * ``chunk_size=Q`` draws the grid of the chunked algorithm (math.md §1.2): the **diagonal
+    * ``chunk_size=Q`` draws the grid of the chunked algorithm (notebooks 03b and 04a): the **diagonal
       blocks** M[cQ:(c+1)Q, cQ:(c+1)Q], which the chunked form computes as small dense "attention"
       matrices, are outlined in solid black; the **off-diagonal blocks** below them, which it never
       forms but passes through the state (they have rank ≤ N), are separated by dashed grey lines.

@@ -12,11 +12,11 @@ recurrence, is ``chunked``.
 Shapes: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] (≤ 0; RetNet uses log(1 − 2^{−5−h});
 0 gives plain causal linear attention); initial_state and final state [B, H, K, V].  ``scale``
 defaults to K^{-1/2}.  The decay is kept as its logarithm because the γ of heads h ≥ 4 round to
-exactly 1.0 in bf16 (math.md §2.3).
+exactly 1.0 in bf16 (notebook 05b, section 3).
 
 Every form returns ``(o, final_state or None)``; o has q's dtype, the state is fp32 (fp64 for fp64).
 This is retention itself, before RetNet's group norm; the norm and the paper's score
-normalisations are per-row scalings that the group norm removes (math.md §2.2), and live in
+normalisations are per-row scalings that the group norm removes (notebook 03d), and live in
 ``lecture_kit.blocks``.  ``help(retnet.chunked)`` and the others list each form's parameters,
 returns and a checked example.
 """

@@ -10,7 +10,7 @@ The transition G_t = diag(exp w_t) + b_t a_tᵀ is diagonal-plus-rank-one (DPLR)
 passes a = −κ̂ and b = κ̂ ∘ a_icl with κ̂ a unit "removal key" and a_icl ∈ (0, 1) an in-context
 learning rate, so that the rank-one term subtracts (κ̂ ∘ a_icl) κ̂ᵀ S_{t-1}: with the new
 key-value pair this is one step of gradient descent on ½‖Sᵀκ̂ − v‖² (an online regression), plus
-decay.  It is *not* RWKV-4's ratio Σ w^{i−j} k_j v_j / Σ w^{i−j} k_j (math.md §8c).
+decay.  It is *not* RWKV-4's ratio Σ w^{i−j} k_j v_j / Σ w^{i−j} k_j (notebook 03c).
 
 Unrolled, o_t = Σ_{j≤t} A_tj v_j with A_tj = scale · r_tᵀ G_t ⋯ G_{j+1} k_j: an SSS representation
 with K×K transitions, so A is K-semiseparable — but, because the G_t do not commute, it is not a
@@ -160,7 +160,7 @@ def chunked(
     b: torch.Tensor, *, scale: float = 1.0, initial_state: torch.Tensor | None = None,
     output_final_state: bool = False, chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RWKV-7's chunkwise algorithm with the WY/UT transform, math.md §4.3.
+    """RWKV-7's chunkwise algorithm with the WY/UT transform, notebook 03c.
 
     In a chunk, Γ_i = w_1 + ⋯ + w_i (chunk-local, per channel), Γ⁻ its exclusive version, S_0 the
     entering state.  The pseudo-values ν_i = a_iᵀ S_{i-1} (what the rank-one term removes) satisfy

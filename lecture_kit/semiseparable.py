@@ -1,6 +1,6 @@
 """Semiseparable matrices: the one class of matrices this lecture is about.
 
-Definitions (Dao & Gu 2024, §3; math.md §8f).  A lower-triangular T×T matrix M is
+Definitions (Dao & Gu 2024, §3; notebook 03a).  A lower-triangular T×T matrix M is
 *N-semiseparable* when every submatrix taken from on or below the diagonal has rank at most N.
 The maximal such blocks are ``M[j:, :j+1]`` (rows j..T-1, columns 0..j), and every other one sits
 inside one of them, so

@@ -187,7 +187,7 @@ def chunked(
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mamba-2's chunkwise algorithm (math.md §1.2): four steps, three of them matmuls.
+    """Mamba-2's chunkwise algorithm (notebooks 03b and 04a): four steps, three of them matmuls.
 
     Split time into chunks of Q = chunk_size tokens (the last one padded with Δ = 0, which is
     exact); within chunk c, ℓ_s = Δ_s A and Λ_s = Σ_{r ≤ s in c} ℓ_r is a chunk-local cumsum.

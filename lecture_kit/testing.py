@@ -1,6 +1,6 @@
 """Random inputs, error metrics and tolerances shared by the tests and the notebooks' checking cells.
 
-Metric (math.md §5.3): a scale-aware pair, never an elementwise relative error (outputs cross zero):
+Metric: a scale-aware pair, never an elementwise relative error (outputs cross zero):
 
     rel_rms = ‖x − ref‖₂ / ‖ref‖₂,        max_abs = max|x − ref| / max|ref|.
 
@@ -20,7 +20,7 @@ import torch
 from ._spec import Draw
 from .claims import record, show
 
-#: (rel_rms, max_abs) bounds of math.md §5.3, by what is being compared.
+#: (rel_rms, max_abs) bounds, by what is being compared.
 TOLERANCE = {
     "fp64": (1e-12, 1e-11),          # fp64 forms vs the fp64 recurrence
     "fp32": (1e-5, 1e-5),            # fp32 PyTorch forms (or IEEE-fp32 kernels) vs fp64

@@ -69,7 +69,7 @@ def example_matrix(kind: str, *, length: int, state_size: int, decay: float = 0.
     * ``"linear"``: causal linear attention tril(Q Kᵀ)/√N, i.e. ``retnet.matrix`` with γ = 1;
       rank ≤ N.  ``decay`` is ignored.
     * ``"softmax"``: causal softmax attention softmax(Q Kᵀ/√N + causal mask), rows summing to 1;
-      generically of full semiseparable rank ⌈T/2⌉ whatever N (math.md §8a).  ``decay`` is ignored.
+      generically of full semiseparable rank ⌈T/2⌉ whatever N (notebook 02).  ``decay`` is ignored.
 
     The two attention matrices use the q, k that RetNet's inputs would.
     """
@@ -413,7 +413,7 @@ NORMALISATIONS = {"raw": "raw", "|M| min–max": "minmax", "row-normalised": "ro
 
 
 def normalise_attention(M: torch.Tensor, how: str) -> torch.Tensor:
-    """A causal T×T matrix M [T, T], normalised for display (Ali et al. 2024; math.md §6):
+    """A causal T×T matrix M [T, T], normalised for display (Ali et al. 2024; notebook 05d):
 
     * ``"raw"``: M itself (signed: the hidden attention can be negative);
     * ``"minmax"``: (|M| − min|M|) / (max|M| − min|M|) over the causal entries j ≤ i, 0 above;

@@ -4,12 +4,12 @@ Every layer maps u [B, T, d_model] → [B, T, d_model] and shares one interface 
 ``forward`` runs a mixer's parallel (chunked) form, ``prefill`` does the same and returns the cache
 that ``step`` continues from one token at a time.  The layers:
 
-    Mamba2Block            SSD                 (Dao & Gu 2024; math.md §1.1)        cache O(1) in t
-    MultiScaleRetention    retention           (Sun et al. 2023; math.md §2.1–2.2)  cache O(1) in t
-    GLALayer               gated lin. attn.    (Yang et al. 2023; math.md §3.1)     cache O(1) in t
-    RWKV7TimeMix           generalised delta   (Peng et al. 2025; math.md §4.1)     cache O(1) in t
-    RWKV7ChannelMix        RWKV's feed-forward (math.md §4.1)                      cache O(1) in t
-    SoftmaxAttentionLayer  softmax attention   (the baseline)                       cache O(t): the KV cache
+    Mamba2Block            SSD                 (Dao & Gu 2024; notebooks 03b, 04d)     cache O(1) in t
+    MultiScaleRetention    retention           (Sun et al. 2023; notebooks 03d, 04d)   cache O(1) in t
+    GLALayer               gated lin. attn.    (Yang et al. 2023; notebooks 03d, 04d)  cache O(1) in t
+    RWKV7TimeMix           generalised delta   (Peng et al. 2025; notebooks 03c, 04d)  cache O(1) in t
+    RWKV7ChannelMix        RWKV's feed-forward (notebooks 03c, 04d)                    cache O(1) in t
+    SoftmaxAttentionLayer  softmax attention   (the baseline)                          cache O(t): the KV cache
 
 ``cache_nbytes`` measures a cache; ``TinyLM`` stacks layers of one kind into a language model.
 

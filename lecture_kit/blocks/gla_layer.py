@@ -1,4 +1,4 @@
-"""The gated linear attention layer (Yang et al. 2023; fla's ``GatedLinearAttention``; math.md §3.1)."""
+"""The gated linear attention layer (Yang et al. 2023; fla's ``GatedLinearAttention``; notebooks 03d and 04d)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from .base import HeadNorm, Mixer, RecurrentCache, SequenceLayer
 
 
 class GLALayer(SequenceLayer):
-    """The gated linear attention layer (Yang et al. 2023; fla's ``GatedLinearAttention``; math.md §3.1):
+    """The gated linear attention layer (Yang et al. 2023; fla's ``GatedLinearAttention``; notebooks 03d and 04d):
     u [B, T, d_model] → [B, T, d_model].
 
         q, k, v = u W_q, u W_k, u W_v                 [B, T, H, K], [B, T, H, K], [B, T, H, V]

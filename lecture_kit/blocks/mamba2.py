@@ -1,4 +1,4 @@
-"""The Mamba-2 block (Dao & Gu 2024, §7; math.md §1.1).  For an input u [B, T, d_model], with
+"""The Mamba-2 block (Dao & Gu 2024, §7; notebooks 03b and 04d).  For an input u [B, T, d_model], with
 E = expand·d_model = H·P inner channels, H heads of P channels, G groups of B/C of size N:
 
     z, xBC, dt_raw = in_proj(u)                    z [B, T, E],  xBC [B, T, E + 2GN],  dt_raw [B, T, H]
@@ -11,7 +11,7 @@ E = expand·d_model = H·P inner channels, H heads of P channels, G groups of B/
 
 z, xBC and Δ come out of one projection, *in parallel*: unlike Mamba-1, B, C and Δ are functions of
 the block's input, not of x.  The mixer's matrix M = L ∘ (C Bᵀ) · diag(Δ) [B, H, T, T] is the block's
-"hidden attention" (Ali et al. 2024; math.md §6): one T×T matrix per head, shared by its P channels;
+"hidden attention" (Ali et al. 2024; notebook 05d): one T×T matrix per head, shared by its P channels;
 the token mixer as a whole is M + D·I.
 
 Initialisation (mamba_ssm's ``Mamba2``): A ~ U[1, 16] stored as A_log = log(−A) (so A stays
@@ -176,7 +176,7 @@ class Mamba2Block(SequenceLayer):
             M_ij = L_ij (C_iᵀ B_j) Δ_j  (i ≥ j),   L_ij = exp(Δ_{j+1} A + ⋯ + Δ_i A),
 
         so that the SSD's output is y[:, :, h] = M[:, h] @ x[:, :, h] + D_h x[:, :, h]
-        (``ssd.matrix``).  It excludes the conv, the gate z and the D skip (math.md §6).
+        (``ssd.matrix``).  It excludes the conv, the gate z and the D skip (notebook 05d).
         """
         self._check_sequence("hidden_attention", u)
         _, _, inputs = self._mixer_inputs(u)

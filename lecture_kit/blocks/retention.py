@@ -1,4 +1,4 @@
-"""RetNet's multi-scale retention layer (Sun et al. 2023, §2.2; math.md §2.1–2.2)."""
+"""RetNet's multi-scale retention layer (Sun et al. 2023, §2.2; notebooks 03d and 04d)."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +12,7 @@ from .base import HeadNorm, Mixer, RecurrentCache, SequenceLayer, rotary
 
 
 class MultiScaleRetention(SequenceLayer):
-    """RetNet's multi-scale retention (Sun et al. 2023, §2.2; math.md §2.1–2.2): u [B, T, d_model] → same.
+    """RetNet's multi-scale retention (Sun et al. 2023, §2.2; notebooks 03d and 04d): u [B, T, d_model] → same.
 
         q, k = rotary(u W_q), rotary(u W_k)          [B, T, H, K]   token n turned by n·θ (``rotary``)
         v, g = u W_v, u W_g                           [B, T, H, V],  [B, T, H·V]
@@ -25,7 +25,7 @@ class MultiScaleRetention(SequenceLayer):
 
     Against torchscale's ``MultiScaleRetention``: the same rotation (``theta_shift``, whose frequencies
     ``rotary`` states) and RMSNorm(elementwise_affine=False) group norm; its k·K^{−1/2} is our score
-    scale.  We omit the paper's score normalisations (math.md §2.2): they are per-row positive
+    scale.  We omit the paper's score normalisations (notebook 03d): they are per-row positive
     scalings that the group norm removes up to its eps, and leaving them out makes forward, prefill and
     step compute exactly the same function.  The cache is a ``RecurrentCache(S [B, H, K, V], None, t)``:
     t is the position, hence the rotation, of the next token.

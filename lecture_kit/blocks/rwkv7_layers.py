@@ -1,5 +1,5 @@
 """RWKV-7's two layers: time mixing, the generalised delta rule (Peng et al. 2025), and channel mixing,
-its feed-forward (math.md §4.1); and the token shift both read."""
+its feed-forward (notebooks 03c and 04d); and the token shift both read."""
 from __future__ import annotations
 
 import math
@@ -39,7 +39,7 @@ def _rwkv_mix_init(d_model: int, powers: torch.Tensor) -> torch.Tensor:
 
 
 class RWKV7TimeMix(SequenceLayer):
-    """RWKV-7's time mixing (Peng et al. 2025; ``RWKV_Tmix_x070`` of BlinkDL's rwkv_v7_demo.py; math.md §4.1):
+    """RWKV-7's time mixing (Peng et al. 2025; ``RWKV_Tmix_x070`` of BlinkDL's rwkv_v7_demo.py; notebooks 03c and 04d):
     u [B, T, d_model] → [B, T, d_model], with H heads of N = head_size channels, C = H·N.
 
         x^◇ = u_t + (u_{t−1} − u_t) ∘ μ_◇              ◇ ∈ {r, w, k, v, a, g}: token shift, static lerps
@@ -157,7 +157,7 @@ class RWKV7TimeMix(SequenceLayer):
 
 
 class RWKV7ChannelMix(SequenceLayer):
-    """RWKV-7's channel mixing, its feed-forward (``RWKV_CMix_x070``; math.md §4.1): u [B, T, d_model] → same.
+    """RWKV-7's channel mixing, its feed-forward (``RWKV_CMix_x070``; notebooks 03c and 04d): u [B, T, d_model] → same.
 
         x^k = u_t + (u_{t−1} − u_t) ∘ μ_k               token shift, one static lerp
         out = relu(x^k W_k)² W_v                        W_k: d_model → expand·d_model (squared ReLU)

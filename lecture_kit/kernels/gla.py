@@ -1,5 +1,5 @@
 """Gated linear attention (GLA): the Triton chunkwise kernels, forward and backward.  Algorithm of
-reference/math.md §3.2.
+notebooks 03d and 04b.
 
 Per batch element and head, with log forget gate g_t ∈ R^K (g ≤ 0) and state S_t ∈ R^{K×V} (fp32):
 
@@ -930,7 +930,7 @@ _forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
 
 
 def gla_chunked(q, k, v, g, *, scale, initial_state=None, output_final_state=False, chunk_size=64):
-    """Chunkwise gated linear attention with the Triton kernels of this module (math.md §3.2).
+    """Chunkwise gated linear attention with the Triton kernels of this module (notebooks 03d and 04b).
 
     q, k, g [B, T, H, K] (g = log forget gate ≤ 0, any float dtype: used in q's dtype or fp32);
     v [B, T, H, V]; initial_state None or [B, H, K, V] (any float dtype, used in fp32).  K and V

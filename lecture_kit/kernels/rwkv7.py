@@ -5,7 +5,7 @@ The recurrence (fla layout, per batch b and head h; state S_t ∈ R^{K×V}, fp32
     S_t = (diag(exp w_t) + b_t a_tᵀ) S_{t-1} + k_t v_tᵀ          w_t ≤ 0 is the *log* decay
     o_t = scale · S_tᵀ r_t
 
-The chunkwise algorithm is math.md §4.3 (the WY / UT transform), with the same symbols.  Cut the
+The chunkwise algorithm is the one notebook 03c derives (the WY / UT transform), with its symbols.  Cut the
 sequence into chunks of C rows (the last one may be short).  Inside a chunk, with row indices i, j:
 
     Γ_i  = Σ_{s≤i} w_s     chunk-local cumulative log decay (fp32, ≤ 0, non-increasing in i)
@@ -24,7 +24,7 @@ and then, sequentially over chunks, with S₀ the state entering the chunk:
     O = A^{qk} V + A^{qb} 𝒱 + (r ⊙ e^{Γ}) S₀          (times scale)
     S ← e^{Γ_C} ⊙ S₀ + (k ⊙ e^{Γ_C−Γ})ᵀ V + (b ⊙ e^{Γ_C−Γ})ᵀ 𝒱
 
-Numerics (math.md §4.4, §7).  No bound on |w| is assumed: the kernel is correct for any w ≤ 0,
+Numerics (notebooks 03c and 05b).  No bound on |w| is assumed: the kernel is correct for any w ≤ 0,
 strong gates included (w = −5 and beyond).  The four intra-chunk matrices take one of two routes,
 chosen per chunk and K slice (in slices of BK = 16 channels at C = 16):
 

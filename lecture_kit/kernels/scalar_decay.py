@@ -1,4 +1,4 @@
-"""Triton kernels for the scalar-decay mixers: SSD (Mamba-2) and RetNet.  Derived in math.md §1.2.
+"""Triton kernels for the scalar-decay mixers: SSD (Mamba-2) and RetNet.  Derived in notebooks 03b and 04a.
 
 Both mixers are, per batch b and head h, one linear recurrence whose decay is a single number per
 head and token, kept as its logarithm l_t ≤ 0:
@@ -18,7 +18,7 @@ short: rows past T are masked, never padded in memory).  In chunk n, with rows i
     Λ_i  = l_{t0} + … + l_{t0+i}          chunk-local cumulative log-decay, fp32, ≤ 0
     L_ij = exp(Λ_i − Λ_j)  (i ≥ j),  0  (i < j)      the 1-semiseparable mask of the chunk
 
-and the output is the sum of four steps (math.md §1.2, same names):
+and the output is the sum of four steps (notebooks 03b and 04a, same names):
 
     1. diagonal blocks   O_diag = scale · (Q Kᵀ ∘ L ∘ w_j) V
     2. chunk states      S_n    = Σ_j exp(Λ_last − Λ_j) w_j k_j v_jᵀ
