@@ -7,7 +7,7 @@ Run after ``jupyter-book build .`` (``.ci/build_book.sh`` does both):
 The claims ledger (book/claims.md, filled by lecture_kit.ledger) must hold every verdict the pages
 show: each ✓/✗ line of a cell's printed output is a row of the ledger for that page (the row's
 claim begins the line), every row links to a cell that is there, and no row is marked failed. A ✓
-line printed by hand, not through lecture_kit.testing, is listed page by page (35 lines in six
+line printed by hand, not through lecture_kit.testing, is listed page by page (41 lines in six
 notebooks still do this; each is to move onto check, check_equal or check_bound, and then this
 listing becomes a failure).
 
